@@ -1,0 +1,69 @@
+"""Batched, seeded image augmentations written as tensor ops (no torchvision).
+
+All functions take a float batch ``(N, C, H, W)`` and a ``torch.Generator`` so results are
+deterministic under a seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_crop(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
+    """Zero-pad by ``pad`` and crop back to the original size at a random offset per image."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # n, h
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # n, w
+    idx_n = torch.arange(n, device=x.device).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # n,h,w,c
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_hflip(x: Tensor, gen: torch.Generator, p: float = 0.5) -> Tensor:
+    """Flip each image horizontally with probability ``p``."""
+    flip = (torch.rand(x.shape[0], generator=gen) < p).to(x.device)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def random_rotation(x: Tensor, degrees: float, gen: torch.Generator) -> Tensor:
+    """Rotate each image by a uniform angle in [-degrees, degrees] (bilinear, zero fill)."""
+    if degrees <= 0:
+        return x
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_brightness(x: Tensor, amount: float, gen: torch.Generator) -> Tensor:
+    """Scale each image by a factor in [1 - amount, 1 + amount] (input assumed in [0, 1])."""
+    if amount <= 0:
+        return x
+    factor = 1 + (torch.rand(x.shape[0], generator=gen) * 2 - 1) * amount
+    return (x * factor.to(x.device, x.dtype).view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def augment(x: Tensor, gen: torch.Generator, pad: int = 4, hflip: bool = True,
+            degrees: float = 0.0, brightness: float = 0.0) -> Tensor:
+    """The training augmentation: crop with padding, optional flip, rotation and brightness.
+
+    Shape:
+        x: ``(N, C, H, W)`` float in [0, 1] (before normalisation).
+    """
+    x = random_crop(x, pad, gen)
+    if hflip:
+        x = random_hflip(x, gen)
+    x = random_rotation(x, degrees, gen)
+    return random_brightness(x, brightness, gen)

@@ -1,0 +1,1 @@
+"""Placeholder: the study's architectures are registered here."""
