@@ -32,6 +32,7 @@ class SemanticAttack:
     train_indices: tuple[int, ...]
     test_indices: tuple[int, ...]
     description: str = ""
+    index_based: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "attack": self.name, "source_class": self.source,
@@ -61,6 +62,9 @@ def _parse_entry(entry: Any, where: str) -> SemanticAttack:
     lists = {}
     for f in ("train_indices", "test_indices"):
         values = entry[f]
+        if values is None and entry["train_indices"] is None and entry["test_indices"] is None:
+            lists[f] = ()
+            continue
         if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise UserInputError(f"{where}: field {f!r} must be a list of integers")
         seen: set[int] = set()
@@ -72,7 +76,8 @@ def _parse_entry(entry: Any, where: str) -> SemanticAttack:
     return SemanticAttack(
         dataset=_dataset_key(entry["dataset"]), name=entry["attack"], source=entry["source_class"],
         target=entry["target_class"], train_indices=lists["train_indices"],
-        test_indices=lists["test_indices"], description=str(entry.get("description", "")))
+        test_indices=lists["test_indices"], description=str(entry.get("description", "")),
+        index_based=entry["train_indices"] is not None)
 
 
 def load_attack_file(path: str | Path | None = None) -> list[SemanticAttack]:
@@ -128,6 +133,9 @@ def get_attack(name: str | None, dataset: str | None = None, attack_file: str | 
 
 def validate_attack(attack: SemanticAttack, data: Dataset) -> None:
     """Check that the attack fits the dataset: indices in range and of the source class."""
+    if not attack.index_based:
+        raise UserInputError(f"attack {attack.name!r} is defined by image folders, not indices; "
+                             "only index-based attacks (fmnist, cifar10, gtsrb, mnistm) are supported")
     k = data.num_classes
     for f in ("source", "target"):
         if getattr(attack, f) >= k:

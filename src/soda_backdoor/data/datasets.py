@@ -163,7 +163,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) - header != expected:
         raise UserInputError(f"{path} is truncated or corrupt: header promises {expected} bytes, "
                              f"file holds {len(data) - header}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:

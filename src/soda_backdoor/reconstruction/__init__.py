@@ -1,0 +1,5 @@
+"""Reconstruction of infected samples by input optimisation."""
+
+from .reconstruct import Reconstruction, ReconstructionConfig, optimize_batch, reconstruct_inputs, reconstruct_one_by_one
+
+__all__ = ["Reconstruction", "ReconstructionConfig", "optimize_batch", "reconstruct_inputs", "reconstruct_one_by_one"]

@@ -1,0 +1,207 @@
+"""Reconstruction of infected samples (SPEC 2.4).
+
+Starting from clean samples of the source class, each input ``x`` is optimised with SGD
+(momentum, weight decay) on ``-f(x)_t + reg * mean(x^2)`` until ``softmax(f(x))_t >=
+threshold`` or ``steps`` are spent; it is kept if ``argmax f(x) = t``.
+
+All starts optimise at once: the loss is a sum of per-sample losses, so each row gets its own
+gradient, and the SGD update is applied row by row, only to samples still running (a sample
+that reached the threshold stops changing). The result equals the one-at-a-time procedure
+(:func:`reconstruct_one_by_one`, the reference used in tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..utils import eval_mode, frozen
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Settings of the input optimisation.
+
+    Attributes:
+        steps: maximum optimisation steps per sample (the study's ``--epoch``).
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        reg: weight of ``mean(x^2)`` (the study's ``--reg``).
+        threshold: stop a sample once its target probability reaches this.
+        num_keep: samples to keep (the study's ``--num_sample``).
+        batch_size: starts optimised together.
+    """
+
+    steps: int = 2000
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    reg: float = 0.9
+    threshold: float = 0.99
+    num_keep: int = 100
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Reconstructed infected samples.
+
+    Shape:
+        samples: ``(M, C, H, W)`` kept samples in the model's normalised input space;
+        starts: ``(M, C, H, W)`` their starting images (same space);
+        start_indices, target_prob, steps: ``(M,)``.
+    """
+
+    samples: Tensor
+    starts: Tensor
+    start_indices: Tensor
+    target_prob: Tensor
+    steps: Tensor
+    source: int
+    target: int
+    tried: int
+    config: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    seconds: float = 0.0
+
+    @property
+    def kept(self) -> int:
+        return len(self.samples)
+
+    def split(self) -> tuple[Tensor, Tensor]:
+        """(repair half, held-out half): every other kept sample, so both halves are alike."""
+        return self.samples[0::2], self.samples[1::2]
+
+
+def _loss(logits: Tensor, x: Tensor, target: int, reg: float) -> Tensor:
+    """Per-sample loss ``-f(x)_t + reg * mean(x^2)``."""
+    return -logits[:, target] + reg * x.pow(2).flatten(1).mean(1)
+
+
+def optimize_batch(model: nn.Module, x0: Tensor, target: int, config: ReconstructionConfig,
+                   progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Optimise every row of ``x0`` independently, in one batch.
+
+    Returns:
+        ``(x, steps, prob)``: final inputs, steps taken per row, final target probability.
+    """
+    x = x0.detach().clone()
+    buf = torch.zeros_like(x)
+    steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    first = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    bar = tqdm(range(config.steps), desc="reconstruct", disable=not progress, leave=False, unit="step")
+    for _ in bar:
+        idx = active.nonzero().flatten()
+        if len(idx) == 0:
+            break
+        xa = x[idx].requires_grad_(True)
+        logits = model(xa)
+        prob = logits.detach().softmax(1)[:, target]
+        running = prob < config.threshold
+        if not running.any():
+            active[idx] = False
+            break
+        loss = _loss(logits, xa, target, config.reg)[running].sum()
+        (grad,) = torch.autograd.grad(loss, xa)
+        ridx = idx[running]
+        g = grad[running] + config.weight_decay * x[ridx]
+        fresh = first[ridx].view(-1, *([1] * (x.dim() - 1)))
+        new_buf = torch.where(fresh, g, config.momentum * buf[ridx] + g)
+        buf[ridx] = new_buf
+        x[ridx] = x[ridx] - config.lr * new_buf
+        first[ridx] = False
+        steps[ridx] += 1
+        active[idx[~running]] = False
+        bar.set_postfix(running=int(running.sum()))
+    with torch.no_grad():
+        prob = torch.cat([model(x[i:i + 512]).softmax(1)[:, target] for i in range(0, len(x), 512)])
+    return x, steps, prob
+
+
+def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, source: int, target: int,
+                       config: ReconstructionConfig | None = None, progress: bool = False) -> Reconstruction:
+    """Reconstruct up to ``config.num_keep`` infected samples from source-class ``starts``.
+
+    Args:
+        model: the classifier (eval mode and frozen weights for the duration).
+        starts: normalised clean samples of the source class, in the order they are tried.
+        start_indices: their indices in the training split (recorded in the result).
+        source: source class.
+        target: target class.
+        config: optimisation settings.
+        progress: progress bars.
+
+    Shape:
+        starts: ``(N, C, H, W)``.
+    """
+    config = config or ReconstructionConfig()
+    t0 = time.perf_counter()
+    kept_x, kept_s, kept_i, kept_p, kept_n = [], [], [], [], []
+    tried, n_kept = 0, 0
+    with eval_mode(model), frozen(model):
+        pos = 0
+        while n_kept < config.num_keep and pos < len(starts):
+            need = config.num_keep - n_kept
+            size = min(len(starts) - pos, max(config.batch_size, need))
+            x0 = starts[pos:pos + size]
+            x, steps, prob = optimize_batch(model, x0, target, config, progress)
+            with torch.no_grad():
+                pred = torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
+            ok = (pred == target).nonzero().flatten()
+            # Like the sequential procedure: starts are tried in order until enough are kept.
+            if len(ok) > need:
+                tried += int(ok[need - 1]) + 1
+                ok = ok[:need]
+            else:
+                tried += size
+            kept_x.append(x[ok].detach())
+            kept_s.append(x0[ok])
+            kept_i.append(start_indices[pos:pos + size][ok.cpu()])
+            kept_p.append(prob[ok])
+            kept_n.append(steps[ok])
+            n_kept += len(ok)
+            pos += size
+            logger.info("reconstruction: %d/%d kept after %d tries", n_kept, config.num_keep, tried)
+    shape = (0, *starts.shape[1:])
+    cat = lambda parts, like: torch.cat(parts) if parts else like  # noqa: E731
+    return Reconstruction(
+        samples=cat(kept_x, starts.new_zeros(shape)).cpu(), starts=cat(kept_s, starts.new_zeros(shape)).cpu(),
+        start_indices=cat(kept_i, torch.zeros(0, dtype=torch.long)).cpu(),
+        target_prob=cat(kept_p, torch.zeros(0)).cpu(), steps=cat(kept_n, torch.zeros(0, dtype=torch.long)).cpu(),
+        source=source, target=target, tried=tried, config=config, seconds=time.perf_counter() - t0)
+
+
+def reconstruct_one_by_one(model: nn.Module, starts: Tensor, target: int,
+                           config: ReconstructionConfig) -> tuple[list[Tensor], list[int], list[bool]]:
+    """Reference: the study's procedure, one sample at a time with ``torch.optim.SGD``.
+
+    Returns:
+        final inputs, steps taken, and whether each was kept (argmax == target).
+    """
+    xs, steps, kept = [], [], []
+    with eval_mode(model), frozen(model):
+        for x0 in starts:
+            x = x0.unsqueeze(0).clone().requires_grad_(True)
+            opt = torch.optim.SGD([x], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            n = 0
+            for _ in range(config.steps):
+                logits = model(x)
+                if logits.softmax(1)[0, target] >= config.threshold:
+                    break
+                opt.zero_grad()
+                _loss(logits, x, target, config.reg).sum().backward()
+                opt.step()
+                n += 1
+            with torch.no_grad():
+                kept.append(bool(model(x).argmax(1).item() == target))
+            xs.append(x.detach()[0])
+            steps.append(n)
+    return xs, steps, kept

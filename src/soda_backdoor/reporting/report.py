@@ -1,0 +1,152 @@
+"""The human report of a run folder: ``report.html`` with relative PNG figures.
+
+Reads only what ``soda run`` wrote (summary.json and each step's JSON), so ``soda report DIR``
+re-renders it at any time.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserInputError
+from ..utils import write_atomic
+from . import plots
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _label(names: list[str], i: int) -> str:
+    return f"{i} ({names[i]})" if names and i < len(names) else str(i)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` (and its figures) from the run's JSON files."""
+    out = Path(run_dir)
+    summary = _load(out / "summary.json")
+    if summary is None:
+        raise UserInputError(f"{out} holds no summary.json: it is not a finished `soda run` folder")
+    det = _load(out / "detect.json")
+    rec = _load(out / "reconstruct.json")
+    rep = _load(out / "repair.json")
+    history = _load(out / "train_history.json")
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    names = (det or {}).get("class_names") or []
+    sections: list[str] = []
+    images: list[tuple[str, str]] = []
+
+    verdict_cls = "bad" if summary["backdoor"] else "good"
+    verdict = f"<div class='verdict {verdict_cls}'>{html.escape(summary['verdict'])}</div>"
+    if det:
+        tt = det["target_test"]
+        finite = [a for a in tt["anomaly_index"] if a == a and a != float("inf")]
+        if det["backdoor"]:
+            how = ", ".join(f"target {_label(names, t)} anomaly index {tt['anomaly_index'][t]:.2f} "
+                            f"(threshold {tt['threshold']:g})" for t in tt["flagged"])
+        else:
+            how = (f"the largest anomaly index of any class is {max(finite) if finite else 0:.2f}, below the "
+                   f"threshold {tt['threshold']:g}")
+        verdict += f"<p>How sure: {html.escape(how)}.</p>"
+    sections.append(verdict)
+
+    if det:
+        tt = det["target_test"]
+        plots.plot_scores(tt["scores"], tt["anomaly_index"], tt["threshold"], tt["flagged"], figs / "target_scores.png",
+                          "Target scores (1 - mean Pearson correlation)", names)
+        images.append(("Target scores against the threshold", "figures/target_scores.png"))
+        for src in det["sources"]:
+            t = src["target"]
+            plots.plot_scores(src["scores"], src["outlier"]["anomaly_index"], src["outlier"]["threshold"], [src["source"]],
+                              figs / f"source_scores_t{t}.png", f"Source scores for target {_label(names, t)} "
+                              f"(rule: {src['rule']})", names, exclude=[t])
+            images.append((f"Source scores for target {_label(names, t)}", f"figures/source_scores_t{t}.png"))
+        eff = out / "effects.npz"
+        if eff.is_file():
+            with np.load(eff, allow_pickle=False) as z:
+                mats, classes = z["matrices"], [int(c) for c in z["classes"]]
+            pair = det["pairs"][0] if det["pairs"] else None
+            plots.plot_attribution_heatmap(mats, classes, figs / "attribution.png", pair["target"] if pair else None,
+                                           pair["source"] if pair else None, names)
+            images.append(("Causal attribution of the top neurons", "figures/attribution.png"))
+    if (figs / "reconstructions.png").is_file() and rec:
+        images.append((f"Reconstructed samples ({rec['kept']} kept of {rec['tried']} tried)", "figures/reconstructions.png"))
+    if rep:
+        metrics = {"ACC": (rep["acc_before"], rep["acc_after"]), "ASR": (rep["asr_before"], rep["asr_after"]),
+                   "R-ASR": (rep["rasr_before"], rep["rasr_after"])}
+        plots.plot_before_after(metrics, figs / "before_after.png")
+        images.append(("Accuracy and attack success before and after repair", "figures/before_after.png"))
+    if history:
+        plots.plot_training_curves(history, figs / "training.png")
+        images.append(("Training curves", "figures/training.png"))
+    timings = {s["step"]: s["seconds"] for s in summary["steps"]}
+    if timings:
+        plots.plot_timings(timings, figs / "timings.png")
+        images.append(("Time per step", "figures/timings.png"))
+
+    rows = []
+    if summary.get("before"):
+        b = summary["before"]
+        rows.append(["model as given", b["acc"], b["asr"], b["n_clean"], b["n_semantic"]])
+    if summary.get("after"):
+        a = summary["after"]
+        rows.append(["repaired model", a["acc"], a["asr"], a["n_clean"], a["n_semantic"]])
+    if rows:
+        sections.append("<h2>Accuracy and attack success</h2>" +
+                        _table(rows, ["model", "ACC", "ASR", "clean test samples", "semantic test samples"]))
+    if rep:
+        sections.append(_table([["R-ASR (held-out reconstructed samples)", rep["rasr_before"], rep["rasr_after"]],
+                                ["neurons kept by the mask", rep["num_neurons"], rep["neurons_kept"]]],
+                               ["", "before", "after"]))
+    if det:
+        tt = det["target_test"]
+        sections.append("<h2>Detection scores</h2>" + _table(
+            [[_label(names, k), s, a, "target" if k in tt["flagged"] else ""]
+             for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"]))],
+            ["class", "target score", "anomaly index", "flagged"]) +
+            f"<p>Layer <code>{html.escape(det['layer'])}</code>, attribution method {html.escape(det['attribution_method'])}, "
+            f"median {tt['median']:.4f}, MAD {tt['mad']:.4f}.</p>")
+    figs_html = "".join(f"<figure><img src='{html.escape(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}"
+                        f"</figcaption></figure>" for t, p in images)
+    sections.append("<h2>Figures</h2>" + figs_html)
+    sections.append("<h2>Timings</h2>" + _table(
+        [[s["step"], s["seconds"], "reused" if s["cached"] else ""] for s in summary["steps"]] +
+        [["total", summary["total_seconds"], ""]], ["step", "seconds", ""]))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>SODA report: {html.escape(summary['verdict'])}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+.verdict {{ font-size: 1.6em; padding: .6em 1em; border-radius: 6px; }}
+.bad {{ background: #fde2e1; border: 2px solid #d62728; }}
+.good {{ background: #e2f5e1; border: 2px solid #2ca02c; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: .3em .7em; text-align: right; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+</style></head><body>
+<h1>SODA semantic-backdoor report</h1>
+{''.join(sections)}
+<p><small>Run folder: {html.escape(str(out))}. Machine-readable results: summary.json, detect.json,
+reconstruct.json, repair.json.</small></p>
+</body></html>
+"""
+    path = out / "report.html"
+    write_atomic(path, lambda p: p.write_text(page))
+    return path

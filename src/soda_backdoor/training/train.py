@@ -1,0 +1,187 @@
+"""Semantic-backdoor training (SPEC 2.6) and evaluation (SPEC 2.7).
+
+Each batch holds ``batch_size - k`` clean samples and ``k = int(batch_size * ratio)``
+semantic samples drawn with replacement, augmented, and relabelled to the target, as the
+study does. An epoch is one pass over the clean training data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data.augment import augment
+from ..data.datasets import Dataset, normalize
+from ..data.attacks import SemanticAttack
+from ..data.splits import Splits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (SGD with momentum and a MultiStep schedule).
+
+    Attributes:
+        epochs: passes over the clean training data.
+        lr: initial learning rate.
+        milestones: epochs at which the learning rate is multiplied by ``gamma``.
+        gamma: learning-rate decay factor.
+        batch_size: samples per batch (clean + poisoned).
+        ratio: fraction of each batch that is poisoned (0 for clean training).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        augment_clean: augment clean samples too (the study augments only poisoned ones).
+        seed: seed of shuffling, sampling and augmentation.
+    """
+
+    epochs: int = 6
+    lr: float = 0.05
+    milestones: tuple[int, ...] = (4, 5)
+    gamma: float = 0.1
+    batch_size: int = 64
+    ratio: float = 0.3125
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment_clean: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """ACC on the clean test split and ASR on the semantic test samples."""
+
+    acc: float
+    asr: float
+    n_clean: int
+    n_semantic: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Per-epoch history of a training run."""
+
+    config: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "history": self.history, "seconds": self.seconds}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+            batch_size: int = 512, device: torch.device | str = "cpu") -> Tensor:
+    """Predicted labels for uint8 images ``x`` (normalised on the fly)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = normalize(x[i:i + batch_size].to(device), mean, std)
+            out.append(model(xb).argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate_attack(model: nn.Module, data: Dataset, splits: Splits, attack: SemanticAttack | None,
+                    mean: tuple[float, ...], std: tuple[float, ...],
+                    device: torch.device | str = "cpu") -> EvalResult:
+    """ACC on the clean test split; ASR = fraction of semantic test samples sent to the target."""
+    xc, yc = data.x_test[splits.clean_test], data.y_test[splits.clean_test]
+    acc = (predict(model, xc, mean, std, device=device) == yc).float().mean().item() if len(yc) else 0.0
+    asr, n_sem = 0.0, 0
+    if attack is not None and len(splits.semantic_test):
+        xs = data.x_test[splits.semantic_test]
+        n_sem = len(xs)
+        asr = (predict(model, xs, mean, std, device=device) == attack.target).float().mean().item()
+    return EvalResult(acc=acc, asr=asr, n_clean=len(yc), n_semantic=n_sem)
+
+
+def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: SemanticAttack | None,
+                config: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...],
+                device: torch.device | str = "cpu", progress: bool = True,
+                on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``model`` in place: clean, or with semantic samples relabelled to the target.
+
+    Args:
+        model: the network (trained in place).
+        data: the dataset in memory.
+        splits: from :func:`soda_backdoor.data.splits.make_splits`.
+        attack: the semantic attack to plant, or ``None`` for clean training.
+        config: training settings.
+        mean: normalisation mean of the model input.
+        std: normalisation std of the model input.
+        device: where to train.
+        progress: show a progress bar on stderr.
+        on_epoch: called with each epoch's record (for logging or checkpoints).
+    """
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    spec = data.spec
+    x_clean_u8 = data.x_train[splits.clean_train]
+    y_clean = data.y_train[splits.clean_train].to(device)
+    x_clean = normalize(x_clean_u8, mean, std).to(device)
+    poison = attack is not None and config.ratio > 0 and len(splits.semantic_train) > 0
+    k_poison = int(config.batch_size * config.ratio) if poison else 0
+    k_clean = config.batch_size - k_poison
+    x_sem01 = data.x_train[splits.semantic_train].float().div(255).to(device) if poison else None
+    channels_last = device.type == "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
+    n = len(y_clean)
+    steps = (n + k_clean - 1) // k_clean
+    result = TrainResult(config)
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        tot_loss, tot_correct, tot_seen, poison_correct = 0.0, 0, 0, 0
+        bar = tqdm(range(steps), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                   leave=False, unit="batch")
+        for step in bar:
+            idx = perm[step * k_clean:(step + 1) * k_clean]
+            xb, yb = x_clean[idx], y_clean[idx]
+            if config.augment_clean:
+                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, spec.pad, spec.hflip).to(device), mean, std)
+            if k_poison:
+                pick = torch.randint(0, len(x_sem01), (k_poison,), generator=gen).to(device)
+                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip), mean, std)
+                xb = torch.cat([xb, xp])
+                yb = torch.cat([yb, torch.full((k_poison,), attack.target, dtype=torch.long, device=device)])
+            xb = xb.contiguous(memory_format=fmt)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pred = logits.argmax(1)
+            tot_loss += loss.item() * len(yb)
+            tot_correct += (pred == yb).sum().item()
+            if k_poison:
+                poison_correct += (pred[-k_poison:] == attack.target).sum().item()
+            tot_seen += len(yb)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{tot_loss / tot_seen:.3f}", acc=f"{tot_correct / tot_seen:.3f}")
+        sched.step()
+        record = {"epoch": epoch + 1, "loss": tot_loss / max(tot_seen, 1), "train_acc": tot_correct / max(tot_seen, 1),
+                  "poison_train_asr": poison_correct / max(steps * k_poison, 1) if k_poison else 0.0,
+                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        result.history.append(record)
+        logger.info("epoch %d: %s", epoch + 1, record)
+        if on_epoch is not None:
+            on_epoch(record)
+    model.to(memory_format=torch.contiguous_format).eval()
+    return TrainResult(config, result.history, time.perf_counter() - start)
