@@ -1,0 +1,58 @@
+"""Pure statistics and target scores on constructed attribution matrices."""
+
+import math
+
+import torch
+
+from soda_backdoor.analysis import NeuronEffects
+from soda_backdoor.detection import MAD_SCALE, mad_outliers, pearson, source_scores, target_scores
+
+
+def test_pearson_basic():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    assert math.isclose(pearson(a, 2 * a + 1), 1.0, abs_tol=1e-9)
+    assert math.isclose(pearson(a, -a), -1.0, abs_tol=1e-9)
+    assert pearson(a, torch.ones(3)) == 0.0
+
+
+def test_mad_outliers_hand_computed():
+    scores = torch.tensor([1.0, 1.2, 0.8, 1.05, 1.3, 1.1, 0.9, 0.95, 0.85, 10.0])
+    res = mad_outliers(scores, threshold=3.0)
+    norm = scores / 10.0
+    med = norm.median()
+    mad = MAD_SCALE * (norm - med).abs().median()
+    assert math.isclose(res.median, float(med), rel_tol=1e-6)
+    assert math.isclose(res.mad, float(mad), rel_tol=1e-6)
+    assert res.flagged[0] == 9
+    assert res.flagged == (9,)
+    assert math.isclose(res.anomaly_index[9], float((norm[9] - med) / mad), rel_tol=1e-6)
+
+
+def test_mad_outliers_nothing_flagged_on_uniform_scores():
+    res = mad_outliers(torch.tensor([0.5, 0.52, 0.49, 0.51, 0.5, 0.48]), threshold=3.0)
+    assert res.flagged == ()
+
+
+def test_target_score_flags_planted_backdoor_neurons():
+    # Ten classes, 32 neurons. Every class column draws on the same neurons, except the target (3),
+    # which depends on a few dedicated neurons: its column decorrelates from the mean of the others.
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(32, generator=g)
+    cols = [base + 0.05 * torch.rand(32, generator=g) for _ in range(10)]
+    cols[3] = torch.rand(32, generator=g) * 0.1
+    cols[3][:3] = 5.0
+    a = torch.stack(cols, 1)
+    eff = NeuronEffects("x", torch.stack([a] * 10), tuple(range(10)), (1,) * 10, "affine")
+    s = target_scores(eff, 10)
+    assert int(s.argmax()) == 3
+    assert mad_outliers(s, 3.0).flagged == (3,)
+
+
+def test_source_rules():
+    e = torch.zeros(4, 4, dtype=torch.double)
+    e[1, 2], e[2, 1] = 5.0, 5.0  # natural, symmetric similarity between 1 and 2
+    e[0, 2], e[2, 0] = 4.0, -1.0  # one-way push 0 -> 2
+    mean, _, _ = source_scores(e, 2, "mean_logit")
+    asym, _, _ = source_scores(e, 2, "asymmetry")
+    assert int(mean.argmax()) == 1
+    assert int(asym.argmax()) == 0
