@@ -98,6 +98,8 @@ def load_attack_file(path: str | Path | None = None) -> list[SemanticAttack]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserInputError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except RecursionError as exc:
+        raise UserInputError(f"{where} is not a usable attack file: JSON nested too deeply") from exc
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import pickle
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +147,7 @@ def _open_maybe_gz(path: Path) -> bytes:
     if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise UserInputError(f"corrupt gzip file {path}: {exc}") from exc
     return data
 
@@ -159,7 +162,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < header:
         raise UserInputError(f"{path} is truncated (idx header incomplete)")
     dims = struct.unpack(">" + "I" * ndim, data[4:header])
-    expected = int(np.prod(dims)) if dims else 0
+    expected = math.prod(dims)  # exact: np.prod would wrap around for huge headers
     if len(data) - header != expected:
         raise UserInputError(f"{path} is truncated or corrupt: header promises {expected} bytes, "
                              f"file holds {len(data) - header}")
@@ -186,7 +189,8 @@ def load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         raise UserInputError(f"{folder} lacks the idx file(s) {', '.join(missing)} "
                              f"(looked in the folder and in FashionMNIST/raw/)")
     xtr, ytr, xte, yte = (read_idx(p) for p in paths)
-    if xtr.ndim != 3 or xte.ndim != 3 or len(xtr) != len(ytr) or len(xte) != len(yte):
+    if (xtr.ndim != 3 or xte.ndim != 3 or ytr.ndim != 1 or yte.ndim != 1
+            or len(xtr) != len(ytr) or len(xte) != len(yte)):
         raise UserInputError(f"idx files in {folder} disagree: images {xtr.shape}/{xte.shape}, "
                              f"labels {ytr.shape}/{yte.shape}")
     return xtr[:, None], ytr, xte[:, None], yte
@@ -211,7 +215,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # any failure of the restricted unpickler means a bad file
         raise UserInputError(f"{path} is not a CIFAR-10 python batch: {exc}") from exc
     if not isinstance(batch, dict):
         raise UserInputError(f"{path} is not a CIFAR-10 python batch (no dict inside)")
@@ -219,10 +223,14 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
         raise UserInputError(f"{path} lacks the 'data' or 'labels' entry of a CIFAR-10 batch")
-    data = np.asarray(data, dtype=np.uint8)
+    try:
+        data = np.asarray(data, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise UserInputError(f"{path}: 'data' or 'labels' is not numeric: {exc}") from exc
     if data.ndim != 2 or data.shape[1] != 3072:
         raise UserInputError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
-    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -241,8 +249,13 @@ def load_cifar_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _labels(y: np.ndarray, path: Path) -> np.ndarray:
     y = np.asarray(y)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+            or y.dtype == np.bool_):
+        raise UserInputError(f"{path}: labels have dtype {y.dtype}, expected integers or one-hot rows")
     if y.ndim == 2 and y.shape[1] > 1:
         return y.argmax(axis=1).astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating) and not (np.abs(y.astype(np.float64)) < 2**31).all():
+        raise UserInputError(f"{path}: labels contain NaN, Inf or values far out of range")
     return y.reshape(-1).astype(np.int64)
 
 
@@ -252,13 +265,17 @@ def _images_nchw(x: np.ndarray, channels: int, path: Path) -> np.ndarray:
         x = x[:, None]
     if x.ndim != 4:
         raise UserInputError(f"{path}: images have shape {x.shape}, expected (N, H, W[, C])")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_):
+        raise UserInputError(f"{path}: images have dtype {x.dtype}, expected integers or floats")
+    if 0 in x.shape[1:]:
+        raise UserInputError(f"{path}: images have shape {x.shape}, which holds no pixels")
     if x.shape[1] != channels and x.shape[-1] in (1, 3, 4) and x.shape[-1] <= x.shape[1]:
         x = x.transpose(0, 3, 1, 2)
     if x.dtype != np.uint8:
-        if np.issubdtype(x.dtype, np.floating) and x.size and float(np.nanmax(x)) <= 1.0 + 1e-6:
-            x = x * 255.0
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise UserInputError(f"{path}: images contain NaN or Inf")
+        if np.issubdtype(x.dtype, np.floating) and x.size and float(np.max(x)) <= 1.0 + 1e-6:
+            x = x * 255.0
         x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(x)
 
@@ -270,16 +287,21 @@ def load_h5(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     try:
         with h5py.File(path, "r") as fh:
             if all(k in fh for k in ("X_train", "Y_train", "X_test", "Y_test")):
-                arrays = [fh[k][()] for k in ("X_train", "Y_train", "X_test", "Y_test")]
-            elif "data" in fh and all(k in fh["data"] for k in ("x_train", "y_train", "x_test", "y_test")):
+                items = [fh[k] for k in ("X_train", "Y_train", "X_test", "Y_test")]
+            elif ("data" in fh and isinstance(fh["data"], h5py.Group)
+                  and all(k in fh["data"] for k in ("x_train", "y_train", "x_test", "y_test"))):
                 g = fh["data"]
-                arrays = [g[k][()] for k in ("x_train", "y_train", "x_test", "y_test")]
+                items = [g[k] for k in ("x_train", "y_train", "x_test", "y_test")]
             elif all(k in fh for k in ("x_train", "y_train", "x_test", "y_test")):
-                arrays = [fh[k][()] for k in ("x_train", "y_train", "x_test", "y_test")]
+                items = [fh[k] for k in ("x_train", "y_train", "x_test", "y_test")]
             else:
                 raise UserInputError(f"{path}: unknown HDF5 layout (top-level keys {sorted(fh.keys())}); "
                                      "expected X_train/Y_train/X_test/Y_test or group 'data' with "
                                      "x_train/y_train/x_test/y_test")
+            for item in items:
+                if not isinstance(item, h5py.Dataset):
+                    raise UserInputError(f"{path}: {item.name} is a group, expected an array")
+            arrays = [item[()] for item in items]
     except OSError as exc:
         raise UserInputError(f"cannot read HDF5 file {path}: {exc}") from exc
     xtr, ytr, xte, yte = arrays
@@ -290,13 +312,20 @@ def load_h5(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def load_npz(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read a generic ``.npz`` with ``x_train/y_train/x_test/y_test``."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
-            if missing:
-                raise UserInputError(f"{path} lacks array(s) {', '.join(missing)}; "
-                                     "expected x_train, y_train, x_test, y_test")
-            xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as fh:  # our own handle: np.load leaks its own when the zip is bad
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise UserInputError(f"{path} holds a single array, not an npz archive "
+                                     "with x_train, y_train, x_test, y_test")
+            with z:
+                missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+                if missing:
+                    raise UserInputError(f"{path} lacks array(s) {', '.join(missing)}; "
+                                         "expected x_train, y_train, x_test, y_test")
+                xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    except UserInputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise UserInputError(f"cannot read npz file {path}: {exc}") from exc
     return (_images_nchw(xtr, channels, path), _labels(ytr, path),
             _images_nchw(xte, channels, path), _labels(yte, path))
@@ -352,9 +381,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
             raise UserInputError(f"data directory {path} does not exist")
     xtr, ytr, xte, yte = _read_source(spec, path)
     xtr, xte = _resize(xtr, spec.image_size), _resize(xte, spec.image_size)
-    if xtr.shape[1] != spec.in_channels:
-        raise UserInputError(f"{path}: images have {xtr.shape[1]} channel(s), {spec.name} needs {spec.in_channels}")
-    for split, y in (("train", ytr), ("test", yte)):
+    for x in (xtr, xte):
+        if x.shape[1] != spec.in_channels:
+            raise UserInputError(f"{path}: images have {x.shape[1]} channel(s), {spec.name} needs {spec.in_channels}")
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        if len(x) != len(y):
+            raise UserInputError(f"{path}: {split} split has {len(x)} images but {len(y)} labels")
         if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
             raise UserInputError(f"{path}: {split} labels span {y.min()}..{y.max()}, "
                                  f"{spec.name} has classes 0..{spec.num_classes - 1}")
