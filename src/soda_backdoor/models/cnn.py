@@ -34,6 +34,7 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-@register_model("cnn", "small fast CNN (3 conv blocks, GAP, Linear); the CPU default")
+@register_model("cnn", "small fast CNN (3 conv blocks, GAP, Linear); the CPU default",
+                study_ana_layers={1: "fc:input"})
 def cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> nn.Module:
     return SmallCNN(num_classes, in_channels)

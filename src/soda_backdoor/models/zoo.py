@@ -111,13 +111,15 @@ class ResNet(nn.Module):
         return self.linear(_pool_flatten(out))
 
 
-@register_model("resnet18", "ResNet-18 (CIFAR stem), as in the SODA study")
+@register_model("resnet18", "ResNet-18 (CIFAR stem), as in the SODA study",
+                study_ana_layers={6: "linear:input", 5: "layer4", 3: "layer2", 1: "layer1:input"})
 def resnet18(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """ResNet-18: BasicBlock x [2, 2, 2, 2], 512-d penultimate features."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels)
 
 
-@register_model("resnet50", "ResNet-50 (CIFAR stem), as in the SODA study")
+@register_model("resnet50", "ResNet-50 (CIFAR stem), as in the SODA study",
+                study_ana_layers={6: "linear:input", 5: "layer4", 3: "layer2", 1: "layer1:input"})
 def resnet50(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """ResNet-50: Bottleneck x [3, 4, 6, 3], 2048-d penultimate features."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)
@@ -184,7 +186,8 @@ class MobileNetV2(nn.Module):
         return self.linear(_pool_flatten(out))
 
 
-@register_model("MobileNetV2", "MobileNetV2 (CIFAR variant), as in the SODA study", aliases=("mobilenetv2",))
+@register_model("MobileNetV2", "MobileNetV2 (CIFAR variant), as in the SODA study", aliases=("mobilenetv2",),
+                study_ana_layers={4: "linear:input"})
 def mobilenetv2(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """MobileNetV2, kuangliu's CIFAR configuration."""
     return MobileNetV2(num_classes, in_channels)
@@ -246,7 +249,8 @@ class VGG(nn.Module):
         return self.classifier(out)
 
 
-@register_model("vgg11_bn", "VGG-11 with batch norm (CIFAR, single Linear head), as in the SODA study")
+@register_model("vgg11_bn", "VGG-11 with batch norm (CIFAR, single Linear head), as in the SODA study",
+                study_ana_layers={1: "classifier:input"})
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """VGG-11 (configuration A) with batch norm, 512-d penultimate features."""
     return VGG(_VGG11_CFG, num_classes, in_channels)
@@ -298,7 +302,8 @@ class MobileNet(nn.Module):
         return self.linear(_pool_flatten(self.layers(out)))
 
 
-@register_model("MobileNet", "MobileNet v1 (CIFAR variant), as in the SODA study", aliases=("mobilenet",))
+@register_model("MobileNet", "MobileNet v1 (CIFAR variant), as in the SODA study", aliases=("mobilenet",),
+                study_ana_layers={3: "linear:input"})
 def mobilenet(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """MobileNet v1, kuangliu's CIFAR configuration."""
     return MobileNet(num_classes, in_channels)
@@ -417,7 +422,8 @@ class ShuffleNetV2(nn.Module):
         return self.linear(_pool_flatten(out))
 
 
-@register_model("shufflenetv2", "ShuffleNetV2 x1.0 (kuangliu CIFAR variant)")
+@register_model("shufflenetv2", "ShuffleNetV2 x1.0 (kuangliu CIFAR variant)",
+                study_ana_layers={6: "linear:input"})
 def shufflenetv2(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """ShuffleNetV2, kuangliu's CIFAR version with net_size=1."""
     return ShuffleNetV2(num_classes, in_channels)
@@ -504,7 +510,8 @@ class DenseNet(nn.Module):
         return self.linear(_pool_flatten(out))
 
 
-@register_model("densenet", "DenseNet-BC for CIFAR (kuangliu densenet_cifar), as in the SODA study")
+@register_model("densenet", "DenseNet-BC for CIFAR (kuangliu densenet_cifar), as in the SODA study",
+                study_ana_layers={9: "linear:input"})
 def densenet(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
     """DenseNet-BC, blocks [6, 12, 24, 16], growth rate 12, 384-d penultimate features."""
     return DenseNet((6, 12, 24, 16), 12, 0.5, num_classes, in_channels)
