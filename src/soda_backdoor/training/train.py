@@ -39,6 +39,8 @@ class TrainConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         augment_clean: augment clean samples too (the study augments only poisoned ones).
+        rotation: max rotation (degrees) of augmented samples.
+        brightness: max relative brightness change of augmented samples.
         seed: seed of shuffling, sampling and augmentation.
     """
 
@@ -51,6 +53,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment_clean: bool = False
+    rotation: float = 0.0
+    brightness: float = 0.0
     seed: int = 0
 
 
@@ -155,10 +159,11 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
             idx = perm[step * k_clean:(step + 1) * k_clean]
             xb, yb = x_clean[idx], y_clean[idx]
             if config.augment_clean:
-                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, spec.pad, spec.hflip).to(device), mean, std)
+                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, spec.pad, spec.hflip, config.rotation,
+                                            config.brightness).to(device), mean, std)
             if k_poison:
                 pick = torch.randint(0, len(x_sem01), (k_poison,), generator=gen).to(device)
-                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip), mean, std)
+                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip, config.rotation, config.brightness), mean, std)
                 xb = torch.cat([xb, xp])
                 yb = torch.cat([yb, torch.full((k_poison,), attack.target, dtype=torch.long, device=device)])
             xb = xb.contiguous(memory_format=fmt)
