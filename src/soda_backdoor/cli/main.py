@@ -58,8 +58,8 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=8192, help="rows per forward pass of the rest of the network")
     g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 3.0)")
     g.add_argument("--tau-source", type=float, default=None, help="MAD threshold reported for sources (default 2.0)")
-    g.add_argument("--source-rule", default="asymmetry", choices=["asymmetry", "mean_logit"],
-                   help="how the source class is chosen (default asymmetry; mean_logit is the study's)")
+    g.add_argument("--source-rule", default="one_way", choices=["one_way", "mean_logit", "asymmetry"],
+                   help="how the source class is chosen (default one_way; mean_logit is the study's)")
     g.add_argument("--effects", default=None, help="save the attribution matrices (.npz) here")
 
 
@@ -248,8 +248,8 @@ def format_detection(res: dict) -> str:
         for c in order[:4]:
             if c == src["target"]:
                 continue
-            lines.append(f"  {label(c):<16} score {src['scores'][c]:8.3f}  "
-                         f"E[c,t] {src['mean_logit'][c]:7.3f}  E[t,c] {src['reverse_logit'][c]:7.3f}")
+            lines.append(f"  {label(c):<16} score {src['scores'][c]:8.3f}  forward {src['forward'][c]:7.3f}  "
+                         f"reverse {src['reverse'][c]:7.3f}  mean target logit {src['mean_logit'][c]:7.3f}")
     if res["backdoor"]:
         pairs = ", ".join(f"{label(p['source'])} -> {label(p['target'])}" for p in res["pairs"])
         lines.append(f"VERDICT: semantic backdoor detected: {pairs}")

@@ -5,7 +5,12 @@ correlation between column k of ``A_c`` and the mean of the other columns; ``rho
 ``rho = mean_c rho_c`` and the score is ``1 - rho``. Upper outliers (MAD test, ``tau_target``)
 are candidate targets.
 
-Source: see :func:`source_scores` and docs/detection.md for the rule and the evidence.
+Source: for each candidate target t, every class c is scored by how one-way the path between
+c and t is: ``log((1 + rev) / (1 + fwd))`` where ``fwd`` is the mean number of
+input-optimisation steps (SPEC 2.4) class-c samples need to reach t and ``rev`` the steps
+class-t samples need to reach c. Natural similarity (coats and
+pullovers) is symmetric and cancels; a semantic backdoor is one-way. The study's rule (mean
+target logit) is available as ``source_rule="mean_logit"``. Evidence: docs/detection.md.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from torch import Tensor, nn
 
 from ..analysis.effects import AttributionConfig, NeuronEffects, compute_neuron_effects
 from ..analysis.hooks import LayerRef
-from ..utils import eval_mode
+from ..analysis.optimize import optimize_batch
+from ..utils import eval_mode, frozen
 from .stats import OutlierTest, mad_outliers, pearson
 
 logger = logging.getLogger(__name__)
@@ -32,14 +38,34 @@ class DetectionConfig:
     Attributes:
         tau_target: MAD anomaly-index threshold for target classes.
         tau_source: MAD anomaly-index threshold reported for the source scores.
-        source_rule: how the source is chosen (``asymmetry`` or the study's ``mean_logit``).
+        source_rule: how the source is chosen: ``one_way`` (default), ``mean_logit`` (the
+            study's), or ``asymmetry`` (mean-logit asymmetry).
+        source_samples: samples per class and direction for the ``one_way`` rule.
+        source_steps: step budget per sample for the ``one_way`` rule.
         attribution: settings of the causal attribution.
     """
 
     tau_target: float = 3.0
     tau_source: float = 2.0
-    source_rule: str = "asymmetry"
+    source_rule: str = "one_way"
+    source_samples: int = 32
+    source_steps: int = 50
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+
+
+SOURCE_RULES = ("one_way", "mean_logit", "asymmetry")
+
+
+@dataclass(frozen=True)
+class _StepSettings:
+    """SPEC 2.4 optimisation settings used to measure distances between classes."""
+
+    steps: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    reg: float = 0.9
+    threshold: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -50,8 +76,9 @@ class SourceAnalysis:
     source: int
     rule: str
     scores: tuple[float, ...]
+    forward: tuple[float, ...]
+    reverse: tuple[float, ...]
     mean_logit: tuple[float, ...]
-    reverse_logit: tuple[float, ...]
     outlier: OutlierTest
 
 
@@ -101,6 +128,39 @@ def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: 
     return out
 
 
+def transfer_steps(model: nn.Module, class_inputs: dict[int, Tensor], target: int, num_samples: int,
+                   steps: int) -> tuple[Tensor, Tensor]:
+    """Mean optimisation steps from each class c to ``target`` and from ``target`` to c.
+
+    All ``2 (K - 1) num_samples`` optimisations run as one batch with per-row targets.
+    A row that never reaches the threshold counts as ``steps``.
+
+    Returns:
+        ``(forward, reverse)``: ``(K,)`` each; the target's own entry is 0.
+    """
+    classes = [c for c in sorted(class_inputs) if c != target]
+    xt = class_inputs[target][:num_samples]
+    xs, tg, owner = [], [], []
+    for c in classes:
+        xc = class_inputs[c][:num_samples]
+        xs += [xc, xt]
+        tg += [torch.full((len(xc),), target), torch.full((len(xt),), c)]
+        owner += [torch.full((len(xc),), 2 * c), torch.full((len(xt),), 2 * c + 1)]
+    x = torch.cat(xs)
+    tgt = torch.cat(tg).to(x.device)
+    own = torch.cat(owner)
+    with eval_mode(model), frozen(model):
+        _, n_steps, _ = optimize_batch(model, x, tgt, _StepSettings(steps))
+    n_steps = n_steps.cpu().double()
+    k = max(class_inputs) + 1
+    fwd = torch.zeros(k, dtype=torch.double)
+    rev = torch.zeros(k, dtype=torch.double)
+    for c in classes:
+        fwd[c] = n_steps[own == 2 * c].mean()
+        rev[c] = n_steps[own == 2 * c + 1].mean()
+    return fwd, rev
+
+
 def source_scores(e: Tensor, target: int, rule: str) -> tuple[Tensor, Tensor, Tensor]:
     """Score every class as the source of a backdoor into ``target``.
 
@@ -118,9 +178,13 @@ def source_scores(e: Tensor, target: int, rule: str) -> tuple[Tensor, Tensor, Te
     elif rule == "asymmetry":
         scores = fwd - rev
     else:
-        raise ValueError(f"unknown source rule {rule!r}; valid: asymmetry, mean_logit")
+        raise ValueError(f"unknown source rule {rule!r}; valid: {', '.join(SOURCE_RULES)}")
     scores[target], fwd[target], rev[target] = 0.0, 0.0, 0.0
     return scores, fwd, rev
+
+
+def _floats(t: Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in t)
 
 
 def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Tensor], num_classes: int,
@@ -151,12 +215,19 @@ def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Ten
     if test.flagged:
         e = mean_logits(model, {c: x[:config.attribution.num_samples] for c, x in class_inputs.items()}, num_classes)
         for t in test.flagged:
-            scores, fwd, rev = source_scores(e, t, config.source_rule)
+            if config.source_rule == "one_way":
+                fwd, rev = transfer_steps(model, class_inputs, t, config.source_samples, config.source_steps)
+                scores = torch.log((1.0 + rev) / (1.0 + fwd))
+            else:
+                scores, fwd, rev = source_scores(e, t, config.source_rule)
+            scores[t] = 0.0
             out = mad_outliers(scores, config.tau_source, exclude=(t,))
             cand = [c for c in range(num_classes) if c != t]
             src = max(cand, key=lambda c: float(scores[c]))
-            sources.append(SourceAnalysis(t, src, config.source_rule, tuple(float(v) for v in scores),
-                                          tuple(float(v) for v in fwd), tuple(float(v) for v in rev), out))
+            logit_t = e[:, t].clone()
+            logit_t[t] = 0.0
+            sources.append(SourceAnalysis(t, src, config.source_rule, _floats(scores), _floats(fwd), _floats(rev),
+                                          _floats(logit_t), out))
             pairs.append((src, t))
     return DetectionResult(bool(pairs), tuple(pairs), test.scores, test, tuple(sources), effects.layer, config,
                            effects.method, time.perf_counter() - start), effects

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..analysis.optimize import loss_per_sample as _loss
+from ..analysis.optimize import optimize_batch
 from ..utils import eval_mode, frozen
 
 logger = logging.getLogger(__name__)
@@ -78,52 +80,6 @@ class Reconstruction:
     def split(self) -> tuple[Tensor, Tensor]:
         """(repair half, held-out half): every other kept sample, so both halves are alike."""
         return self.samples[0::2], self.samples[1::2]
-
-
-def _loss(logits: Tensor, x: Tensor, target: int, reg: float) -> Tensor:
-    """Per-sample loss ``-f(x)_t + reg * mean(x^2)``."""
-    return -logits[:, target] + reg * x.pow(2).flatten(1).mean(1)
-
-
-def optimize_batch(model: nn.Module, x0: Tensor, target: int, config: ReconstructionConfig,
-                   progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Optimise every row of ``x0`` independently, in one batch.
-
-    Returns:
-        ``(x, steps, prob)``: final inputs, steps taken per row, final target probability.
-    """
-    x = x0.detach().clone()
-    buf = torch.zeros_like(x)
-    steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    first = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    bar = tqdm(range(config.steps), desc="reconstruct", disable=not progress, leave=False, unit="step")
-    for _ in bar:
-        idx = active.nonzero().flatten()
-        if len(idx) == 0:
-            break
-        xa = x[idx].requires_grad_(True)
-        logits = model(xa)
-        prob = logits.detach().softmax(1)[:, target]
-        running = prob < config.threshold
-        if not running.any():
-            active[idx] = False
-            break
-        loss = _loss(logits, xa, target, config.reg)[running].sum()
-        (grad,) = torch.autograd.grad(loss, xa)
-        ridx = idx[running]
-        g = grad[running] + config.weight_decay * x[ridx]
-        fresh = first[ridx].view(-1, *([1] * (x.dim() - 1)))
-        new_buf = torch.where(fresh, g, config.momentum * buf[ridx] + g)
-        buf[ridx] = new_buf
-        x[ridx] = x[ridx] - config.lr * new_buf
-        first[ridx] = False
-        steps[ridx] += 1
-        active[idx[~running]] = False
-        bar.set_postfix(running=int(running.sum()))
-    with torch.no_grad():
-        prob = torch.cat([model(x[i:i + 512]).softmax(1)[:, target] for i in range(0, len(x), 512)])
-    return x, steps, prob
 
 
 def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, source: int, target: int,

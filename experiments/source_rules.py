@@ -1,0 +1,114 @@
+"""Compare candidate source-class rules on trained models (SPEC 2.3, issue 3).
+
+For a model and its detected (or given) target t, every class c gets several scores; the rule
+is right when the true source has the largest score. Statistics:
+
+- mean_logit:      E[c, t] (the study's rule).
+- asym_logit:      E[c, t] - E[t, c] on per-sample centred logits.
+- asym_prob:       P[c, t] - P[t, c] (mean softmax).
+- ease:            mean log-softmax_t after k steps of the SPEC 2.4 optimisation from class-c samples.
+- asym_ease:       ease(c -> t) - ease(t -> c): natural similarity is symmetric, a backdoor one-way.
+- steps:           minus the mean steps to reach softmax_t >= 0.99 (budget B).
+- asym_steps:      steps(t -> c) - steps(c -> t).
+
+Usage: python experiments/source_rules.py --target 2 --source 0 M1.safetensors ... [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.detection import mean_logits
+
+
+def directed_optimisation(model, x: torch.Tensor, tgt: torch.Tensor, steps: int, lr: float = 0.1, reg: float = 0.9,
+                          threshold: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row SPEC 2.4 optimisation towards per-row targets; returns (log p_t after k steps, steps to threshold)."""
+    x = x.clone()
+    buf = torch.zeros_like(x)
+    reached = torch.full((len(x),), steps, dtype=torch.float)
+    rows = torch.arange(len(x))
+    for s in range(steps):
+        xa = x.requires_grad_(True)
+        logits = model(xa)
+        logp = logits.log_softmax(1)[rows, tgt]
+        hit = (logp.exp() >= threshold) & (reached == steps)
+        reached[hit] = s
+        loss = (-logits[rows, tgt] + reg * xa.pow(2).flatten(1).mean(1)).sum()
+        (g,) = torch.autograd.grad(loss, xa)
+        with torch.no_grad():
+            g = g + 5e-4 * x
+            buf = g if s == 0 else 0.9 * buf + g
+            x = (x - lr * buf).detach()
+    with torch.no_grad():
+        logp = model(x).log_softmax(1)[rows, tgt]
+    return logp, reached
+
+
+def scores_for(path: str, target: int, n: int, k: int) -> dict[str, list[float]]:
+    ctx = load_context("fmnist", None, None, None)
+    loaded = open_model(path, ctx, torch.device("cpu"))
+    if loaded.meta.attack != "none":
+        ctx = load_context("fmnist", None, loaded.meta.attack, None)
+    model = loaded.module.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inputs = class_inputs(ctx, loaded.meta, 256, torch.device("cpu"))
+    K = len(inputs)
+    e = mean_logits(model, inputs, K)
+    with torch.no_grad():
+        cent = torch.stack([(model(inputs[c]) - model(inputs[c]).mean(1, keepdim=True)).mean(0) for c in range(K)])
+        prob = torch.stack([model(inputs[c]).softmax(1).mean(0) for c in range(K)])
+    others = [c for c in range(K) if c != target]
+    xs = torch.cat([inputs[c][:n] for c in others] + [inputs[target][:n]] * len(others))
+    tg = torch.cat([torch.full((n,), target) for _ in others] + [torch.full((n,), c) for c in others])
+    logp, reached = directed_optimisation(model, xs, tg, k)
+    m = len(others) * n
+    fwd_e, rev_e = logp[:m].view(-1, n).mean(1), logp[m:].view(-1, n).mean(1)
+    fwd_s, rev_s = reached[:m].view(-1, n).mean(1), reached[m:].view(-1, n).mean(1)
+    out: dict[str, list[float]] = {name: [0.0] * K for name in
+                                   ("mean_logit", "asym_logit", "asym_prob", "ease", "asym_ease", "steps", "asym_steps")}
+    for i, c in enumerate(others):
+        out["mean_logit"][c] = float(e[c, target])
+        out["asym_logit"][c] = float(cent[c, target] - cent[target, c])
+        out["asym_prob"][c] = float(prob[c, target] - prob[target, c])
+        out["ease"][c] = float(fwd_e[i])
+        out["asym_ease"][c] = float(fwd_e[i] - rev_e[i])
+        out["steps"][c] = -float(fwd_s[i])
+        out["asym_steps"][c] = float(rev_s[i] - fwd_s[i])
+    for name in out:
+        out[name][target] = min(out[name]) - 1.0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--target", type=int, default=2)
+    ap.add_argument("--source", type=int, default=0)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--k", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    allres = {}
+    for path in a.models:
+        res = scores_for(path, a.target, a.n, a.k)
+        allres[path] = res
+        print(path)
+        for name, v in res.items():
+            best = max(range(len(v)), key=lambda c: v[c])
+            ranked = sorted(range(len(v)), key=lambda c: -v[c])
+            margin = v[a.source] - max(v[c] for c in range(len(v)) if c not in (a.source, a.target))
+            print(f"  {name:<11} argmax {best} {'OK ' if best == a.source else 'BAD'} margin {margin:+.3f}  rank "
+                  f"{ranked.index(a.source) + 1}  " + " ".join(f"{x:7.2f}" for x in v), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(allres, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
