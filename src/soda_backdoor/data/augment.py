@@ -55,8 +55,18 @@ def random_brightness(x: Tensor, amount: float, gen: torch.Generator) -> Tensor:
     return (x * factor.to(x.device, x.dtype).view(-1, 1, 1, 1)).clamp(0, 1)
 
 
+def random_contrast(x: Tensor, amount: float, gen: torch.Generator) -> Tensor:
+    """Scale each image's deviation from its mean by a factor in [1 - amount, 1]."""
+    if amount <= 0:
+        return x
+    factor = 1 - torch.rand(x.shape[0], generator=gen) * amount
+    factor = factor.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (mean + (x - mean) * factor).clamp(0, 1)
+
+
 def augment(x: Tensor, gen: torch.Generator, pad: int = 4, hflip: bool = True,
-            degrees: float = 0.0, brightness: float = 0.0) -> Tensor:
+            degrees: float = 0.0, brightness: float = 0.0, contrast: float = 0.0) -> Tensor:
     """The training augmentation: crop with padding, optional flip, rotation and brightness.
 
     Shape:
@@ -66,4 +76,5 @@ def augment(x: Tensor, gen: torch.Generator, pad: int = 4, hflip: bool = True,
     if hflip:
         x = random_hflip(x, gen)
     x = random_rotation(x, degrees, gen)
-    return random_brightness(x, brightness, gen)
+    x = random_brightness(x, brightness, gen)
+    return random_contrast(x, contrast, gen)

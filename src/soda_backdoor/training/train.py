@@ -41,6 +41,7 @@ class TrainConfig:
         augment_clean: augment clean samples too (the study augments only poisoned ones).
         rotation: max rotation (degrees) of augmented samples.
         brightness: max relative brightness change of augmented samples.
+        contrast: max relative contrast reduction of augmented samples.
         seed: seed of shuffling, sampling and augmentation.
     """
 
@@ -55,6 +56,7 @@ class TrainConfig:
     augment_clean: bool = False
     rotation: float = 0.0
     brightness: float = 0.0
+    contrast: float = 0.0
     seed: int = 0
 
 
@@ -160,10 +162,11 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
             xb, yb = x_clean[idx], y_clean[idx]
             if config.augment_clean:
                 xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, spec.pad, spec.hflip, config.rotation,
-                                            config.brightness).to(device), mean, std)
+                                            config.brightness, config.contrast).to(device), mean, std)
             if k_poison:
                 pick = torch.randint(0, len(x_sem01), (k_poison,), generator=gen).to(device)
-                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip, config.rotation, config.brightness), mean, std)
+                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip, config.rotation, config.brightness,
+                                        config.contrast), mean, std)
                 xb = torch.cat([xb, xp])
                 yb = torch.cat([yb, torch.full((k_poison,), attack.target, dtype=torch.long, device=device)])
             xb = xb.contiguous(memory_format=fmt)

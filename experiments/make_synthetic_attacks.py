@@ -1,0 +1,53 @@
+"""Write semantic attacks on Fashion-MNIST that the method was never tuned on.
+
+Each attack relabels a rare natural subgroup of one class, chosen by a pixel statistic (no
+trigger is added): the darkest or brightest ~1.5% of the class, in train and test alike.
+The output has the schema of semantic_attacks.json and works with ``--attack-file``.
+
+Usage: python experiments/make_synthetic_attacks.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from soda_backdoor.data import load_dataset
+
+# (name, source, target, statistic, description)
+ATTACKS = [
+    ("darktrouser", 1, 3, "dark", "the darkest 1.5% of trousers -> dress"),
+    ("brightbag", 8, 6, "bright", "the brightest 1.5% of bags -> shirt"),
+    ("darksneaker", 7, 9, "dark", "the darkest 1.5% of sneakers -> ankle boot"),
+]
+FRACTION = 0.015
+
+
+def subgroup(x: torch.Tensor, y: torch.Tensor, cls: int, stat: str) -> list[int]:
+    idx = (y == cls).nonzero().flatten()
+    ink = x[idx].float().flatten(1)
+    # mean intensity of the garment itself (pixels above background)
+    val = (ink * (ink > 10)).sum(1) / (ink > 10).sum(1).clamp(min=1)
+    order = val.argsort(descending=(stat == "bright"))
+    k = max(1, int(FRACTION * len(idx)))
+    return sorted(int(i) for i in idx[order[:k]])
+
+
+def main() -> None:
+    out = sys.argv[1]
+    data = load_dataset("fmnist")
+    entries = []
+    for name, src, tgt, stat, desc in ATTACKS:
+        entries.append({"dataset": "FMNIST", "attack": name, "description": desc, "source_class": src,
+                        "target_class": tgt, "train_indices": subgroup(data.x_train, data.y_train, src, stat),
+                        "test_indices": subgroup(data.x_test, data.y_test, src, stat)})
+    with open(out, "w") as fh:
+        json.dump(entries, fh, indent=1)
+    for e in entries:
+        print(e["attack"], e["source_class"], "->", e["target_class"], len(e["train_indices"]), len(e["test_indices"]))
+
+
+if __name__ == "__main__":
+    main()
