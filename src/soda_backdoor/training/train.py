@@ -45,9 +45,9 @@ class TrainConfig:
         seed: seed of shuffling, sampling and augmentation.
     """
 
-    epochs: int = 6
+    epochs: int = 8
     lr: float = 0.05
-    milestones: tuple[int, ...] = (4, 5)
+    milestones: tuple[int, ...] = (4, 6)
     gamma: float = 0.1
     batch_size: int = 64
     ratio: float = 0.3125
