@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -116,15 +117,25 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
     module.load_state_dict(state)
 
 
+def _unpickling_reason(exc: Exception) -> str:
+    """The informative line of torch's weights-only refusal (it opens with generic advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.startswith("Unsupported"):
+            return ln[:160]
+    return lines[0][:160] if lines else "unsafe pickle"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.th``/``.pt`` state_dict without running code (weights_only)."""
     path = Path(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not for our users
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
         raise UserInputError(f"refused {path}: it is not a plain weights file and loading it could run code "
-                             f"({first[:160]}); save a state_dict or safetensors instead") from exc
+                             f"({_unpickling_reason(exc)}); save a state_dict or safetensors instead") from exc
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
         raise UserInputError(f"cannot read model file {path}: {str(exc).splitlines()[0][:200]}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
