@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_subgrp", type=int, default=None, help="ignored")
     g.add_argument("--cnt_per_grp", type=float, default=None, help="ignored")
     x = p.add_argument_group("extensions")
-    x.add_argument("--source_rule", default=None, choices=["one_way", "mean_logit", "asymmetry"],
-                   help="detect: how the source is chosen (default one_way; mean_logit is the study's)")
+    x.add_argument("--source_rule", default=None, choices=["fastest", "one_way", "mean_logit", "asymmetry"],
+                   help="detect: how the source is chosen (default fastest; mean_logit is the study's)")
     x.add_argument("--json", default=None, help="also write the step's result as JSON here")
     return p
 

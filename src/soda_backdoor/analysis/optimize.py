@@ -6,6 +6,8 @@ Each row of a batch is optimised independently with SGD (momentum, weight decay)
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -35,8 +37,30 @@ def loss_per_sample(logits: Tensor, x: Tensor, target: int | Tensor, reg: float)
     return -_pick(logits, target) + reg * x.pow(2).flatten(1).mean(1)
 
 
+@dataclass(frozen=True)
+class OptimResult:
+    """Result of :func:`optimize_batch`.
+
+    Shape:
+        x: like the input; steps, prob, crossing: ``(N,)``.
+
+    Attributes:
+        x: final inputs.
+        steps: SGD steps taken per row.
+        prob: final target probability per row.
+        crossing: the step at which the row's target log-probability crossed
+            ``log(threshold)``, linearly interpolated between the last two checks (a
+            continuous version of ``steps``); ``config.steps`` for rows that never reached it.
+    """
+
+    x: Tensor
+    steps: Tensor
+    prob: Tensor
+    crossing: Tensor
+
+
 def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: OptimSettings,
-                   progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                   progress: bool = False) -> OptimResult:
     """Optimise every row of ``x0`` independently, in one batch.
 
     Args:
@@ -47,7 +71,7 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
         progress: progress bar.
 
     Returns:
-        ``(x, steps, prob)``: final inputs, steps taken per row, final target probability.
+        final inputs, steps and target probabilities per row (see :class:`OptimResult`).
     """
     per_row = isinstance(target, Tensor)
     x = x0.detach().clone()
@@ -55,6 +79,9 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
     steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
     active = torch.ones(len(x), dtype=torch.bool, device=x.device)
     first = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    prev_logp = torch.full((len(x),), -math.inf, device=x.device)
+    crossing = torch.full((len(x),), float(config.steps), device=x.device)
+    log_th = math.log(config.threshold)
     bar = tqdm(range(config.steps), desc="reconstruct", disable=not progress, leave=False, unit="step")
     for _ in bar:
         idx = active.nonzero().flatten()
@@ -63,8 +90,15 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
         xa = x[idx].requires_grad_(True)
         logits = model(xa)
         tgt = target[idx] if per_row else target
-        prob = _pick(logits.detach().softmax(1), tgt)
+        logp = _pick(logits.detach().log_softmax(1), tgt)
+        prob = logp.exp()
         running = prob < config.threshold
+        done = idx[~running]
+        if len(done):
+            lp_prev, lp_now = prev_logp[done], logp[~running]
+            frac = ((log_th - lp_prev) / (lp_now - lp_prev)).clamp(0, 1).nan_to_num(1.0)
+            crossing[done] = torch.where(steps[done] > 0, steps[done] - 1 + frac, torch.zeros_like(frac))
+        prev_logp[idx] = logp
         if not running.any():
             active[idx] = False
             break
@@ -83,4 +117,4 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
     with torch.no_grad():
         prob = torch.cat([_pick(model(x[i:i + 512]).softmax(1), target[i:i + 512] if per_row else target)
                           for i in range(0, len(x), 512)])
-    return x, steps, prob
+    return OptimResult(x, steps, prob, crossing)

@@ -58,8 +58,8 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=8192, help="rows per forward pass of the rest of the network")
     g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 3.0)")
     g.add_argument("--tau-source", type=float, default=None, help="MAD threshold reported for sources (default 2.0)")
-    g.add_argument("--source-rule", default="one_way", choices=["one_way", "mean_logit", "asymmetry"],
-                   help="how the source class is chosen (default one_way; mean_logit is the study's)")
+    g.add_argument("--source-rule", default=None, choices=["fastest", "one_way", "mean_logit", "asymmetry"],
+                   help="how the source class is chosen (default fastest; mean_logit is the study's)")
     g.add_argument("--effects", default=None, help="save the attribution matrices (.npz) here")
 
 
@@ -188,7 +188,7 @@ def _detection_config(args):
     base = DetectionConfig()
     return DetectionConfig(tau_target=base.tau_target if args.tau_target is None else args.tau_target,
                            tau_source=base.tau_source if args.tau_source is None else args.tau_source,
-                           source_rule=args.source_rule,
+                           source_rule=args.source_rule or base.source_rule,
                            attribution=AttributionConfig(num_samples=args.num_samples, chunk_size=args.chunk_size))
 
 

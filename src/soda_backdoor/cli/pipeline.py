@@ -71,7 +71,8 @@ class Runner:
         return result
 
     def _say(self, msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
 
 
 def run_pipeline(args) -> int:
@@ -118,6 +119,10 @@ def run_pipeline(args) -> int:
         model_file = Path(args.model)
         if not model_file.is_file():
             raise UserInputError(f"model file {model_file} does not exist")
+        from .steps import load_context, open_model
+
+        # refuse an unsafe or mismatched model before any step runs
+        open_model(str(model_file), load_context(args.dataset, args.data_dir, None, None), device, args.arch)
     model_key = _file_hash(model_file)
 
     # 2. evaluate the model as given

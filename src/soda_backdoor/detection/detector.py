@@ -5,12 +5,11 @@ correlation between column k of ``A_c`` and the mean of the other columns; ``rho
 ``rho = mean_c rho_c`` and the score is ``1 - rho``. Upper outliers (MAD test, ``tau_target``)
 are candidate targets.
 
-Source: for each candidate target t, every class c is scored by how one-way the path between
-c and t is: ``log((1 + rev) / (1 + fwd))`` where ``fwd`` is the mean number of
-input-optimisation steps (SPEC 2.4) class-c samples need to reach t and ``rev`` the steps
-class-t samples need to reach c. Natural similarity (coats and
-pullovers) is symmetric and cancels; a semantic backdoor is one-way. The study's rule (mean
-target logit) is available as ``source_rule="mean_logit"``. Evidence: docs/detection.md.
+Source (default rule ``fastest``): for each candidate target t, the class whose clean samples
+reach t in the fewest steps of the SPEC 2.4 input optimisation. A semantic backdoor is a
+shortcut from its source to the target, so that path is the shortest. ``one_way`` divides by
+the reverse path (class-t samples reaching c); ``mean_logit`` is the study's rule (mean target
+logit), which picks naturally similar classes. Evidence: docs/detection.md.
 """
 
 from __future__ import annotations
@@ -38,22 +37,23 @@ class DetectionConfig:
     Attributes:
         tau_target: MAD anomaly-index threshold for target classes.
         tau_source: MAD anomaly-index threshold reported for the source scores.
-        source_rule: how the source is chosen: ``one_way`` (default), ``mean_logit`` (the
-            study's), or ``asymmetry`` (mean-logit asymmetry).
-        source_samples: samples per class and direction for the ``one_way`` rule.
-        source_steps: step budget per sample for the ``one_way`` rule.
+        source_rule: how the source is chosen: ``fastest`` (default: the class whose samples
+            reach the target in the fewest optimisation steps), ``one_way`` (log ratio of
+            reverse to forward steps), ``mean_logit`` (the study's rule), or ``asymmetry``.
+        source_samples: samples per class for the step-based rules.
+        source_steps: step budget per sample for the step-based rules.
         attribution: settings of the causal attribution.
     """
 
     tau_target: float = 3.0
     tau_source: float = 2.0
-    source_rule: str = "one_way"
+    source_rule: str = "fastest"
     source_samples: int = 32
     source_steps: int = 50
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
 
-SOURCE_RULES = ("one_way", "mean_logit", "asymmetry")
+SOURCE_RULES = ("fastest", "one_way", "mean_logit", "asymmetry")
 
 
 @dataclass(frozen=True)
@@ -128,37 +128,28 @@ def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: 
     return out
 
 
-def transfer_steps(model: nn.Module, class_inputs: dict[int, Tensor], target: int, num_samples: int,
-                   steps: int) -> tuple[Tensor, Tensor]:
-    """Mean optimisation steps from each class c to ``target`` and from ``target`` to c.
+def transfer_steps(model: nn.Module, groups: list[tuple[Tensor, int]], steps: int, lr: float = 0.1) -> Tensor:
+    """Mean optimisation steps (SPEC 2.4) for each group of inputs to reach its target class.
 
-    All ``2 (K - 1) num_samples`` optimisations run as one batch with per-row targets.
-    A row that never reaches the threshold counts as ``steps``.
+    All groups run as one batch with per-row targets and per-row early stopping. Steps are
+    counted continuously (the interpolated threshold crossing); a row that never reaches the
+    threshold counts as ``steps``.
+
+    Args:
+        model: the classifier.
+        groups: ``(inputs, target)`` pairs.
+        steps: step budget per row.
+        lr: learning rate of the optimisation.
 
     Returns:
-        ``(forward, reverse)``: ``(K,)`` each; the target's own entry is 0.
+        ``(len(groups),)`` mean steps per group.
     """
-    classes = [c for c in sorted(class_inputs) if c != target]
-    xt = class_inputs[target][:num_samples]
-    xs, tg, owner = [], [], []
-    for c in classes:
-        xc = class_inputs[c][:num_samples]
-        xs += [xc, xt]
-        tg += [torch.full((len(xc),), target), torch.full((len(xt),), c)]
-        owner += [torch.full((len(xc),), 2 * c), torch.full((len(xt),), 2 * c + 1)]
-    x = torch.cat(xs)
-    tgt = torch.cat(tg).to(x.device)
-    own = torch.cat(owner)
+    x = torch.cat([g[0] for g in groups])
+    tgt = torch.cat([torch.full((len(g[0]),), g[1], dtype=torch.long) for g in groups]).to(x.device)
+    owner = torch.cat([torch.full((len(g[0]),), i) for i, g in enumerate(groups)])
     with eval_mode(model), frozen(model):
-        _, n_steps, _ = optimize_batch(model, x, tgt, _StepSettings(steps))
-    n_steps = n_steps.cpu().double()
-    k = max(class_inputs) + 1
-    fwd = torch.zeros(k, dtype=torch.double)
-    rev = torch.zeros(k, dtype=torch.double)
-    for c in classes:
-        fwd[c] = n_steps[own == 2 * c].mean()
-        rev[c] = n_steps[own == 2 * c + 1].mean()
-    return fwd, rev
+        crossing = optimize_batch(model, x, tgt, _StepSettings(steps, lr)).crossing.cpu().double()
+    return torch.stack([crossing[owner == i].mean() for i in range(len(groups))])
 
 
 def source_scores(e: Tensor, target: int, rule: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -215,9 +206,17 @@ def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Ten
     if test.flagged:
         e = mean_logits(model, {c: x[:config.attribution.num_samples] for c, x in class_inputs.items()}, num_classes)
         for t in test.flagged:
-            if config.source_rule == "one_way":
-                fwd, rev = transfer_steps(model, class_inputs, t, config.source_samples, config.source_steps)
-                scores = torch.log((1.0 + rev) / (1.0 + fwd))
+            if config.source_rule in ("fastest", "one_way"):
+                others = [c for c in range(num_classes) if c != t]
+                n, budget = config.source_samples, config.source_steps
+                fwd = torch.zeros(num_classes, dtype=torch.double)
+                rev = torch.zeros(num_classes, dtype=torch.double)
+                fwd[others] = transfer_steps(model, [(class_inputs[c][:n], t) for c in others], budget)
+                if config.source_rule == "one_way":
+                    rev[others] = transfer_steps(model, [(class_inputs[t][:n], c) for c in others], budget)
+                    scores = torch.log((1.0 + rev) / (1.0 + fwd))
+                else:
+                    scores = -fwd
             else:
                 scores, fwd, rev = source_scores(e, t, config.source_rule)
             scores[t] = 0.0

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..analysis.optimize import loss_per_sample as _loss
 from ..analysis.optimize import optimize_batch
@@ -108,7 +107,8 @@ def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, 
             need = config.num_keep - n_kept
             size = min(len(starts) - pos, max(config.batch_size, need))
             x0 = starts[pos:pos + size]
-            x, steps, prob = optimize_batch(model, x0, target, config, progress)
+            res = optimize_batch(model, x0, target, config, progress)
+            x, steps, prob = res.x, res.steps, res.prob
             with torch.no_grad():
                 pred = torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
             ok = (pred == target).nonzero().flatten()
