@@ -56,3 +56,20 @@ def test_source_rules():
     asym, _, _ = source_scores(e, 2, "asymmetry")
     assert int(mean.argmax()) == 1
     assert int(asym.argmax()) == 0
+
+
+def test_transfer_steps_ranks_closer_class_first():
+    from torch import nn
+
+    from soda_backdoor.detection import transfer_steps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 3.0, 0]]))
+        model[1].bias.zero_()
+    near = torch.tensor([[1.0, 0.0, 0.8, 0.0]]).repeat(4, 1).view(4, 1, 2, 2)  # class 0, almost class 2
+    far = torch.tensor([[0.0, 2.0, 0.0, 0.0]]).repeat(4, 1).view(4, 1, 2, 2)  # class 1, far from class 2
+    steps = transfer_steps(model, [(near, 2), (far, 2)], steps=200)
+    assert 0 < steps[0] < steps[1] < 200
+    assert all(p.requires_grad for p in model.parameters())
