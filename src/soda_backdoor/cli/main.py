@@ -77,9 +77,10 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("repair")
     g.add_argument("--top", type=float, default=1.0, help="fraction of neurons kept by the mask (1.0: no mask)")
     g.add_argument("--repair-epochs", type=int, default=5, help="fine-tuning epochs over the clean subset")
-    g.add_argument("--repair-lr", type=float, default=0.01, help="fine-tuning learning rate")
+    g.add_argument("--repair-lr", type=float, default=0.001, help="fine-tuning learning rate")
     g.add_argument("--repair-reg", type=float, default=0.01, help="weight of -CE(reconstructed, target)")
-    g.add_argument("--frozen-bn", action="store_true", help="keep batch-norm statistics fixed while fine-tuning")
+    g.add_argument("--bn-train", action="store_true", help="update batch-norm statistics while fine-tuning "
+                   "(default: frozen)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -212,7 +213,7 @@ def _repair_config(args):
     if args.repair_epochs < 1:
         raise UserInputError("--repair-epochs must be at least 1")
     return RepairConfig(top=args.top, epochs=args.repair_epochs, lr=args.repair_lr, reg=args.repair_reg,
-                        bn_train=not args.frozen_bn, seed=args.seed)
+                        bn_train=args.bn_train, seed=args.seed)
 
 
 def _train_config(args):

@@ -36,21 +36,24 @@ class RepairConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         reg: weight of the term that pushes reconstructed samples away from the target.
+        reg_cap: cap on that cross-entropy term (beyond it the term gives no gradient).
         batch_size: samples per batch.
         num_recon: reconstructed samples per batch.
-        bn_train: update batch-norm statistics during fine-tuning (train mode).
+        bn_train: update batch-norm statistics during fine-tuning (train mode). Off by default:
+            batches that are 30% reconstructed samples shift the statistics and cost accuracy.
         seed: seed of shuffling and sampling.
     """
 
     top: float = 1.0
     epochs: int = 5
-    lr: float = 0.01
+    lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 5e-4
     reg: float = 0.01
+    reg_cap: float = 5.0
     batch_size: int = 64
     num_recon: int = 20
-    bn_train: bool = True
+    bn_train: bool = False
     seed: int = 0
 
 
@@ -136,7 +139,9 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
                 logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             if n_recon and config.reg:
-                loss = loss - config.reg * F.cross_entropy(logits[-n_recon:], torch.full_like(yb[-n_recon:], target))
+                # -CE(reconstructed, t) is unbounded below; capped so it cannot blow the weights up.
+                away = F.cross_entropy(logits[-n_recon:], torch.full_like(yb[-n_recon:], target))
+                loss = loss - config.reg * away.clamp(max=config.reg_cap)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
