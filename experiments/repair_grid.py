@@ -20,12 +20,17 @@ from soda_backdoor.cli.steps import run_repair
 from soda_backdoor.repair import RepairConfig
 
 GRID = [
-    dict(lr=0.005, epochs=3, bn_train=False),
-    dict(lr=0.01, epochs=5, bn_train=False),
-    dict(lr=0.005, epochs=3, bn_train=False, num_recon=8),
+    dict(lr=0.01, epochs=5, bn_train=True),
     dict(lr=0.005, epochs=3, bn_train=True),
-    dict(lr=0.005, epochs=3, bn_train=False, top=0.5),
+    dict(lr=0.002, epochs=5, bn_train=True),
+    dict(lr=0.005, epochs=3, bn_train=False),
+    dict(lr=0.005, epochs=3, bn_train=False, num_recon=8),
     dict(lr=0.005, epochs=3, bn_train=False, reg=0.0),
+    dict(lr=0.002, epochs=3, bn_train=False),
+    dict(lr=0.001, epochs=5, bn_train=False),
+    dict(lr=0.001, epochs=5, bn_train=False, num_recon=8),
+    dict(lr=0.0005, epochs=5, bn_train=False),
+    dict(lr=0.001, epochs=5, bn_train=False, top=0.5),
 ]
 
 
