@@ -113,7 +113,7 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
         first[ridx] = False
         steps[ridx] += 1
         active[idx[~running]] = False
-        bar.set_postfix(running=int(running.sum()))
+        bar.set_postfix(running=int(running.sum()), refresh=False)
     with torch.no_grad():
         prob = torch.cat([_pick(model(x[i:i + 512]).softmax(1), target[i:i + 512] if per_row else target)
                           for i in range(0, len(x), 512)])

@@ -113,9 +113,12 @@ def render_report(run_dir: str | Path) -> Path:
         sections.append("<h2>Accuracy and attack success</h2>" +
                         _table(rows, ["model", "ACC", "ASR", "clean test samples", "semantic test samples"]))
     if rep:
-        sections.append(_table([["R-ASR (held-out reconstructed samples)", rep["rasr_before"], rep["rasr_after"]],
-                                ["neurons kept by the mask", rep["num_neurons"], rep["neurons_kept"]]],
-                               ["", "before", "after"]))
+        sections.append(_table([["R-ASR (held-out reconstructed samples)", rep["rasr_before"], rep["rasr_after"]]],
+                               ["", "before", "after"]) +
+                        f"<p>Repair fine-tuned at layer <code>{html.escape(rep['layer'])}</code> keeping "
+                        f"{rep['neurons_kept']} of {rep['num_neurons']} neurons (mask fraction "
+                        f"{rep['config']['top']:g}), with {rep['n_repair_samples']} reconstructed samples and "
+                        f"{rep['n_defender']} clean samples.</p>")
     if det:
         tt = det["target_test"]
         sections.append("<h2>Detection scores</h2>" + _table(
