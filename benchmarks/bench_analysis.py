@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="samples per class")
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--chunk-size", type=int, default=8192)
+    ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)

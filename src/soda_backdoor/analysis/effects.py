@@ -43,7 +43,7 @@ class AttributionConfig:
 
     delta: float = 1.0
     num_samples: int = 256
-    chunk_size: int = 8192
+    chunk_size: int = 1024
     exact_affine: bool = True
 
 
