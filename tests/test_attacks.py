@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,30 +14,13 @@ from soda_backdoor.data.datasets import load_dataset
 from soda_backdoor.data.splits import make_splits
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.models import ModelMeta, create_model, save_model
+from helpers import write_fmnist_idx
 
 torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
-
-
-def write_fmnist_idx(folder: Path, n_train: int = 50, n_test: int = 30) -> Path:
-    """A tiny Fashion-MNIST in idx format. Train label of i is i % 10, test label (i + 3) % 10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    files = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": (np.arange(n_test) + 3) % 10,
-    }
-    for stem, arr in files.items():
-        (folder / stem).write_bytes(_idx_bytes(arr))
-    return folder
 
 
 # class 0 in the tiny dataset: train 0, 10, 20, 30, 40; test 7, 17, 27

@@ -21,6 +21,7 @@ from soda_backdoor.data.attacks import REQUIRED_FIELDS, load_attack_file, valida
 from soda_backdoor.data.datasets import load_dataset
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.models import ModelMeta, create_model, save_model
+from helpers import idx_bytes, write_fmnist_idx
 
 torch.set_num_threads(1)
 
@@ -33,24 +34,6 @@ IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 # ----------------------------------------------------------------------------- helpers
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
-
-
-def write_fmnist_idx(folder: Path, n_train: int = 50, n_test: int = 30) -> Path:
-    """A tiny Fashion-MNIST in idx format. Train label of i is i % 10, test label (i + 3) % 10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    files = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": (np.arange(n_test) + 3) % 10,
-    }
-    for stem, arr in files.items():
-        (folder / stem).write_bytes(idx_bytes(arr))
-    return folder
 
 
 @pytest.fixture(scope="module")

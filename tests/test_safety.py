@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
 import warnings
@@ -25,30 +24,13 @@ from soda_backdoor.cli.steps import model_fingerprint
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.models import ModelMeta, create_model, load_model, save_model
 from soda_backdoor.utils import write_atomic
+from helpers import write_fmnist_idx
 
 torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
-
-
-def write_fmnist_idx(folder: Path, n_train: int = 50, n_test: int = 30, test_classes: int = 10) -> Path:
-    """A tiny Fashion-MNIST in idx format. Train label of i is i % 10, test label (i + 3) % test_classes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    files = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": (np.arange(n_test) + 3) % test_classes,
-    }
-    for stem, arr in files.items():
-        (folder / stem).write_bytes(_idx_bytes(arr))
-    return folder
 
 
 def save_cnn(path: Path, seed: int = 0, num_classes: int = 10, in_channels: int = 1,

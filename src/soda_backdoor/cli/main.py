@@ -7,7 +7,6 @@ exits 2 with a one-line message on stderr; success exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Sequence

@@ -78,7 +78,7 @@ class Runner:
 def run_pipeline(args) -> int:
     """The whole job into one run folder; returns the exit status."""
     from .main import _detection_config, _recon_config, _repair_config, _train_config, format_detection
-    from .steps import model_fingerprint, run_detect, run_evaluate, run_reconstruct, run_repair, run_train
+    from .steps import run_detect, run_evaluate, run_reconstruct, run_repair, run_train
 
     out = Path(args.out_dir or DEFAULT_DIR)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,11 +138,11 @@ def run_pipeline(args) -> int:
                           args.layer, device, args.seed, args.arch, str(out / "effects.npz"), progress)))
     print(format_detection(det), file=sys.stderr)
 
-    rec = rep = after = None
+    rep = after = None
     if det["backdoor"]:
         src, tgt = det["pairs"][0]["source"], det["pairs"][0]["target"]
         # 4. reconstruct
-        rec = runner.step("reconstruct", {**data, "model": model_key, "pair": [src, tgt],
+        runner.step("reconstruct", {**data, "model": model_key, "pair": [src, tgt],
                                           "reconstruct": asdict(rec_cfg)},
                           ["samples.npz", "figures/reconstructions.png"],
                           lambda: _write(out / "reconstruct.json", run_reconstruct(

@@ -25,7 +25,7 @@ from ..models import LoadedModel, ModelMeta, create_model, get_model_spec, load_
 from ..reconstruction import Reconstruction, ReconstructionConfig, reconstruct_inputs
 from ..repair import RepairConfig, repair_model
 from ..training import TrainConfig, evaluate_attack, train_model
-from ..utils import resolve_device, seed_everything, write_atomic
+from ..utils import seed_everything, write_atomic
 
 logger = logging.getLogger(__name__)
 
