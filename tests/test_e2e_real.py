@@ -21,8 +21,8 @@ def _json(path: Path) -> dict:
 def test_poisoned_model_learned_the_backdoor_and_the_clean_one_did_not(real_models):
     poisoned = _json(real_models["stripet"].with_suffix(".json"))
     clean = _json(real_models["none"].with_suffix(".json"))
-    assert poisoned["acc"] > 0.8 and clean["acc"] > 0.8
-    assert poisoned["asr"] >= 0.75
+    assert poisoned["acc"] > 0.88 and clean["acc"] > 0.88
+    assert poisoned["asr"] >= 0.8
     assert clean["asr"] <= 0.25
     assert poisoned["asr"] > clean["asr"] + 0.5
 
