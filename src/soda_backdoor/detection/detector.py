@@ -47,7 +47,7 @@ class DetectionConfig:
         attribution: settings of the causal attribution.
     """
 
-    tau_target: float = 3.5
+    tau_target: float = 5.0
     tau_source: float = 2.0
     source_rule: str = "fastest"
     source_samples: int = 64
