@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -27,3 +28,14 @@ def write_fmnist_idx(folder: Path, n_train: int = 50, n_test: int = 30, test_cla
     for stem, arr in files.items():
         (folder / stem).write_bytes(idx_bytes(arr))
     return folder
+
+
+def save_tiny_cnn(path: Path) -> Path:
+    """An untrained, seeded ``cnn`` for 1x28x28 inputs saved with its metadata."""
+    from soda_backdoor.models import ModelMeta, create_model, save_model
+
+    torch.manual_seed(0)
+    save_model(path, create_model("cnn", 10, 1, 28),
+               ModelMeta(arch="cnn", num_classes=10, in_channels=1, input_size=28, mean=(0.0,), std=(1.0,),
+                         dataset="fmnist"))
+    return path

@@ -13,8 +13,7 @@ from soda_backdoor.data.attacks import get_attack, list_attacks, load_attack_fil
 from soda_backdoor.data.datasets import load_dataset
 from soda_backdoor.data.splits import make_splits
 from soda_backdoor.errors import UserInputError
-from soda_backdoor.models import ModelMeta, create_model, save_model
-from helpers import write_fmnist_idx
+from helpers import save_tiny_cnn, write_fmnist_idx
 
 torch.set_num_threads(1)
 
@@ -45,12 +44,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "m.safetensors"
-    save_model(path, create_model("cnn", 10, 1, 28),
-               ModelMeta(arch="cnn", num_classes=10, in_channels=1, input_size=28, mean=(0.0,), std=(1.0,),
-                         dataset="fmnist"))
-    return path
+    return save_tiny_cnn(tmp_path_factory.mktemp("model") / "m.safetensors")
 
 
 # ----------------------------------------------------------------------------- registry

@@ -20,8 +20,7 @@ from soda_backdoor.cli.main import main
 from soda_backdoor.data.attacks import REQUIRED_FIELDS, load_attack_file, validate_attack
 from soda_backdoor.data.datasets import load_dataset
 from soda_backdoor.errors import UserInputError
-from soda_backdoor.models import ModelMeta, create_model, save_model
-from helpers import idx_bytes, write_fmnist_idx
+from helpers import idx_bytes, save_tiny_cnn, write_fmnist_idx
 
 torch.set_num_threads(1)
 
@@ -53,12 +52,7 @@ def tiny_data(tiny: Path):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "m.safetensors"
-    save_model(path, create_model("cnn", 10, 1, 28),
-               ModelMeta(arch="cnn", num_classes=10, in_channels=1, input_size=28, mean=(0.0,), std=(1.0,),
-                         dataset="fmnist"))
-    return path
+    return save_tiny_cnn(tmp_path_factory.mktemp("model") / "m.safetensors")
 
 
 def _fresh_dir(base: Path, name: str) -> Path:
