@@ -4,8 +4,10 @@ For each analysed class c and neuron i we intervene ``do(h_i := h_i + delta)`` a
 analysis layer and measure ``A_c[i, k] = mean_x |g(h)_k - g(h + delta e_i)_k|``.
 
 Interventions for many neurons and samples go through the rest of the network ``g`` in
-chunks of at most ``chunk_size`` rows. When ``g`` is the final Linear layer (affine), the
-exact closed form ``A_c[i, k] = delta * |W[k, i]|`` is used instead.
+chunks of at most ``chunk_size`` rows. The affine modules right after the layer are folded
+into one response per neuron (:mod:`.fold`), so only the rest of the network runs per row.
+When ``g`` is affine as a whole (the final Linear layer) that is the exact closed form
+``A_c[i, k] = delta * |W[k, i]|``, the same for every sample.
 
 Reference: Sun et al., "Neural Network Semantic Backdoor Detection and Mitigation: A
 Causality-Based Approach", USENIX Security 2024.
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..utils import eval_mode
+from .fold import Fold, find_fold
 from .hooks import LayerRef, activations, intervene
 
 logger = logging.getLogger(__name__)
@@ -38,7 +41,10 @@ class AttributionConfig:
         delta: size of the intervention added to one neuron.
         num_samples: clean samples per class (at most).
         chunk_size: rows (neurons x samples) per forward pass of the rest of the network.
-        exact_affine: use the closed form when the rest of the network is the final Linear.
+        exact_affine: fold the affine modules that follow the layer into one response per
+            neuron (exact; see :mod:`.fold`). When the whole rest of the network is affine
+            (the default layer: the input of the final Linear) this is the closed form
+            ``A_c[i, k] = |g(h + delta e_i)_k - g(h)_k|``, the same for every sample.
     """
 
     delta: float = 1.0
@@ -54,6 +60,10 @@ class NeuronEffects:
     Shape:
         matrices: ``(C, n, K)``: for each analysed class c (in ``classes`` order), the effect
         of each of the n neurons on each of the K logits.
+
+    Attributes:
+        method: ``affine`` (closed form), or ``batched-`` with how the rest of the network ran.
+        folded: the modules folded after the layer (``a -> b``), empty when none were.
     """
 
     layer: str
@@ -63,6 +73,7 @@ class NeuronEffects:
     method: str
     config: AttributionConfig = field(default_factory=AttributionConfig)
     seconds: float = 0.0
+    folded: str = ""
 
     @property
     def num_neurons(self) -> int:
@@ -73,30 +84,18 @@ class NeuronEffects:
         return self.matrices[self.classes.index(c)]
 
 
-def _final_linear(model: nn.Module, ref: LayerRef) -> nn.Linear | None:
-    if ref.point != "input":
-        return None
-    module = model.get_submodule(ref.name)
-    return module if isinstance(module, nn.Linear) else None
-
-
 def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Tensor) -> tuple[Head, str]:
     """Build ``g``: a function from activations at ``ref`` to logits.
 
     ``g`` runs the model on a one-sample stub input while the hook substitutes the given
     activations (so the network before ``ref`` is not recomputed). That is exact only when
     the output depends on the input through ``ref`` alone; we check it on ``(x, h, logits)``
-    and otherwise fall back to re-running the whole network on the matching inputs.
+    and otherwise fall back to re-running the whole network on the matching inputs. ``g``
+    may change its argument in place (in-place modules after ``ref``).
 
     Returns:
-        ``(g, kind)`` where kind is ``"affine"``, ``"stub"`` or ``"tiled"``.
+        ``(g, kind)`` where kind is ``"stub"`` or ``"tiled"``.
     """
-    lin = _final_linear(model, ref)
-    if lin is not None and h.dim() == 2:
-        direct = lin(h)
-        if direct.shape == logits.shape and torch.allclose(direct, logits, rtol=1e-4, atol=1e-4):
-            return lin, "affine"
-
     stub = torch.zeros_like(x[:1])
 
     def g_stub(hh: Tensor) -> Tensor:
@@ -104,7 +103,7 @@ def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Ten
             return model(stub.expand(1, *x.shape[1:]))
 
     try:
-        out = g_stub(h)
+        out = g_stub(h.clone())
         if out.shape == logits.shape and torch.allclose(out, logits, rtol=1e-4, atol=1e-4):
             return g_stub, "stub"
     except RuntimeError:
@@ -120,30 +119,61 @@ def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Ten
     return g_tiled, "tiled"
 
 
+def _shifted_rows(base: Tensor, shift: Tensor | float, i0: int, i1: int) -> Tensor:
+    """Rows ``(i, x)`` for neurons ``i0..i1-1``, samples fastest.
+
+    ``shift`` is either the folded responses (``base[x] + shift[i]``) or the intervention
+    size ``delta`` (``base[x]`` with ``delta`` added to neuron i).
+    """
+    m, b = i1 - i0, base.shape[0]
+    rows = torch.empty(m, *base.shape, dtype=base.dtype, device=base.device)
+    if isinstance(shift, Tensor):
+        torch.add(base.unsqueeze(0), shift[i0:i1].unsqueeze(1), out=rows)
+    else:
+        rows.copy_(base.unsqueeze(0).expand_as(rows))
+        idx = torch.arange(m, device=base.device)
+        rows[idx, :, i0 + idx] += shift
+    return rows.reshape(m * b, *base.shape[1:])
+
+
 @torch.no_grad()
-def class_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: AttributionConfig) -> tuple[Tensor, str]:
+def class_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: AttributionConfig,
+                      fold: Fold | None | bool = True) -> tuple[Tensor, str]:
     """``A[i, k]`` for one batch of same-class inputs ``x`` (already normalised).
+
+    Args:
+        model: the classifier (eval mode).
+        ref: the analysis layer.
+        x: inputs of one class.
+        config: attribution settings.
+        fold: a :class:`Fold` found earlier; ``True`` to look for one here (when
+            ``config.exact_affine``); ``None`` or ``False`` for the general path.
 
     Shape:
         x: ``(b, C, H, W)``; returns ``(n, K)``.
     """
-    h, logits = activations(model, ref, x)
-    n = h.shape[1]
-    g, kind = make_head(model, ref, x, h, logits)
-    if kind == "affine" and config.exact_affine:
-        return config.delta * g.weight.detach().abs().t().to(torch.float32), kind
-    b = h.shape[0]
+    if fold is True:
+        fold = find_fold(model, ref, x, config.delta, config.chunk_size) if config.exact_affine else None
+    if fold:
+        if fold.reaches_output:
+            return fold.response.abs().to(torch.float32), "affine"
+        point = fold.point
+        base, logits = activations(model, point, x)
+        shift: Tensor | float = fold.response.to(base)
+        n = fold.response.shape[0]
+    else:
+        point = ref
+        base, logits = activations(model, point, x)
+        shift, n = config.delta, base.shape[1]
+    g, kind = make_head(model, point, x, base, logits)
+    b = base.shape[0]
     per = max(1, config.chunk_size // b)
-    out = torch.empty(n, logits.shape[1], device=h.device)
+    out = torch.empty(n, logits.shape[1], device=base.device)
     for i0 in range(0, n, per):
         i1 = min(n, i0 + per)
-        m = i1 - i0
-        hh = h.unsqueeze(0).repeat(m, *([1] * h.dim()))  # (m, b, n, ...)
-        idx = torch.arange(m, device=h.device)
-        hh[idx, :, i0 + idx] += config.delta
-        moved = g(hh.reshape(m * b, *h.shape[1:])).reshape(m, b, -1)
+        moved = g(_shifted_rows(base, shift, i0, i1)).reshape(i1 - i0, b, -1)
         out[i0:i1] = (moved - logits.unsqueeze(0)).abs().mean(1)
-    return out, kind
+    return out, ("folded-" + kind) if fold else kind
 
 
 @torch.no_grad()
@@ -184,6 +214,9 @@ def compute_neuron_effects(model: nn.Module, ref: LayerRef, class_inputs: dict[i
     mats, counts, kinds = [], [], set()
     classes = tuple(sorted(class_inputs))
     with eval_mode(model):
+        fold = None
+        if config.exact_affine and classes and len(class_inputs[classes[0]]):
+            fold = find_fold(model, ref, class_inputs[classes[0]][:4], config.delta, config.chunk_size)
         for c in tqdm(classes, desc="causal attribution", disable=not progress, leave=False, unit="class"):
             x = class_inputs[c][:config.num_samples]
             if len(x) == 0:
@@ -191,12 +224,12 @@ def compute_neuron_effects(model: nn.Module, ref: LayerRef, class_inputs: dict[i
                 raise UserInputError(f"class {c} has no clean samples to analyse")
             acc = None
             for s in range(0, len(x), config.chunk_size):
-                a, kind = class_attribution(model, ref, x[s:s + config.chunk_size], config)
+                a, kind = class_attribution(model, ref, x[s:s + config.chunk_size], config, fold)
                 kinds.add(kind)
                 w = min(len(x), s + config.chunk_size) - s
                 acc = a * w if acc is None else acc + a * w
             mats.append((acc / len(x)).cpu())
             counts.append(len(x))
-    method = "affine" if kinds == {"affine"} and config.exact_affine else "batched-" + "+".join(sorted(kinds))
+    method = "affine" if kinds == {"affine"} else "batched-" + "+".join(sorted(kinds))
     return NeuronEffects(str(ref), torch.stack(mats), classes, tuple(counts), method, config,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, fold.describe() if fold else "")

@@ -92,11 +92,12 @@ def intervene(model: nn.Module, ref: LayerRef, edit: Edit) -> Iterator[None]:
 
 @contextmanager
 def capture(model: nn.Module, ref: LayerRef) -> Iterator[list[Tensor]]:
-    """Record the activations at ``ref`` into the yielded list."""
+    """Record (copies of) the activations at ``ref`` into the yielded list."""
     store: list[Tensor] = []
 
     def record(t: Tensor) -> None:
-        store.append(t)
+        # A copy: a later in-place module (ReLU(inplace=True)) would otherwise change it.
+        store.append(t.detach().clone())
         return None
 
     with intervene(model, ref, record):
