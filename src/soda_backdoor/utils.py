@@ -104,3 +104,23 @@ def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
+
+
+@contextmanager
+def cpu_channels_last(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """On the CPU, hold 4-d weights in channels-last layout for the duration; restore them after.
+
+    oneDNN convolutions and max-pooling run about 3x faster in channels-last on the CPU (see
+    docs/benchmarks.md). The original parameter tensors are put back unchanged on exit, and
+    nothing changes for a model on another device or without 4-d weights.
+    """
+    params = [p for p in module.parameters() if p.dim() == 4 and p.device.type == "cpu"]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            # empty_like + copy: .contiguous() keeps ambiguous strides (one input channel).
+            p.data = torch.empty_like(p.data, memory_format=torch.channels_last).copy_(p.data)
+        yield module
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data

@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..utils import eval_mode
-from .fold import Fold, find_fold
+from ..utils import cpu_channels_last, eval_mode
+from .fold import Fold, find_fold, run_tail, trace_downstream
 from .hooks import LayerRef, activations, intervene
 
 logger = logging.getLogger(__name__)
@@ -84,18 +84,37 @@ class NeuronEffects:
         return self.matrices[self.classes.index(c)]
 
 
-def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Tensor) -> tuple[Head, str]:
+def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Tensor,
+              tail: Sequence[str] | None = None) -> tuple[Head, str]:
     """Build ``g``: a function from activations at ``ref`` to logits.
 
-    ``g`` runs the model on a one-sample stub input while the hook substitutes the given
-    activations (so the network before ``ref`` is not recomputed). That is exact only when
-    the output depends on the input through ``ref`` alone; we check it on ``(x, h, logits)``
-    and otherwise fall back to re-running the whole network on the matching inputs. ``g``
-    may change its argument in place (in-place modules after ``ref``).
+    In order of preference, each checked on ``(x, h, logits)`` before use:
+
+    - ``chain``: call the modules ``tail`` (a plain module chain from ``ref`` to the output,
+      see :func:`.fold.trace_downstream`) directly;
+    - ``stub``: run the model on a one-sample stub input while a hook substitutes the given
+      activations (the network before ``ref`` runs on one sample only). Exact when the
+      output depends on the input through ``ref`` alone;
+    - ``tiled``: re-run the whole network on the matching inputs with the substitution.
+
+    ``g`` may change its argument in place (in-place modules after ``ref``).
 
     Returns:
-        ``(g, kind)`` where kind is ``"stub"`` or ``"tiled"``.
+        ``(g, kind)`` where kind is ``"chain"``, ``"stub"`` or ``"tiled"``.
     """
+    def close(out: Tensor) -> bool:
+        return out.shape == logits.shape and torch.allclose(out, logits, rtol=1e-4, atol=1e-4)
+
+    if tail is not None:
+        def g_chain(hh: Tensor) -> Tensor:
+            return run_tail(model, tail, hh)
+
+        try:
+            if close(g_chain(h.clone())):
+                return g_chain, "chain"
+        except RuntimeError:
+            pass
+
     stub = torch.zeros_like(x[:1])
 
     def g_stub(hh: Tensor) -> Tensor:
@@ -103,8 +122,7 @@ def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Ten
             return model(stub.expand(1, *x.shape[1:]))
 
     try:
-        out = g_stub(h.clone())
-        if out.shape == logits.shape and torch.allclose(out, logits, rtol=1e-4, atol=1e-4):
+        if close(g_stub(h.clone())):
             return g_stub, "stub"
     except RuntimeError:
         pass
@@ -119,14 +137,40 @@ def make_head(model: nn.Module, ref: LayerRef, x: Tensor, h: Tensor, logits: Ten
     return g_tiled, "tiled"
 
 
-def _shifted_rows(base: Tensor, shift: Tensor | float, i0: int, i1: int) -> Tensor:
-    """Rows ``(i, x)`` for neurons ``i0..i1-1``, samples fastest.
+@dataclass(frozen=True)
+class AttributionPlan:
+    """How the rest of the network is evaluated for one model and layer.
+
+    Attributes:
+        fold: the affine modules after the layer, folded (``None``: nothing folded).
+        tail: the module chain from the substitution point (the layer, or the end of the
+            fold) to the output, when the network is such a chain there.
+    """
+
+    fold: Fold | None = None
+    tail: tuple[str, ...] | None = None
+
+
+@torch.no_grad()
+def plan_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: AttributionConfig) -> AttributionPlan:
+    """Inspect what follows ``ref`` (on a few samples of ``x``) and decide how to evaluate it."""
+    try:
+        downstream = trace_downstream(model, ref, x[:4])
+    except RuntimeError:
+        return AttributionPlan()
+    fold = find_fold(model, ref, x, config.delta, config.chunk_size, downstream) if config.exact_affine else None
+    return AttributionPlan(fold, downstream.tail(len(fold.modules) if fold else 0))
+
+
+def _shifted_rows(base: Tensor, shift: Tensor | float, i0: int, i1: int, buf: Tensor) -> Tensor:
+    """Rows ``(i, x)`` for neurons ``i0..i1-1``, samples fastest, written into ``buf``.
 
     ``shift`` is either the folded responses (``base[x] + shift[i]``) or the intervention
-    size ``delta`` (``base[x]`` with ``delta`` added to neuron i).
+    size ``delta`` (``base[x]`` with ``delta`` added to neuron i). Reusing one buffer matters:
+    allocating a fresh multi-MB tensor per chunk costs more than the arithmetic.
     """
     m, b = i1 - i0, base.shape[0]
-    rows = torch.empty(m, *base.shape, dtype=base.dtype, device=base.device)
+    rows = buf[:m]
     if isinstance(shift, Tensor):
         torch.add(base.unsqueeze(0), shift[i0:i1].unsqueeze(1), out=rows)
     else:
@@ -138,7 +182,7 @@ def _shifted_rows(base: Tensor, shift: Tensor | float, i0: int, i1: int) -> Tens
 
 @torch.no_grad()
 def class_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: AttributionConfig,
-                      fold: Fold | None | bool = True) -> tuple[Tensor, str]:
+                      plan: AttributionPlan | None = None) -> tuple[Tensor, str]:
     """``A[i, k]`` for one batch of same-class inputs ``x`` (already normalised).
 
     Args:
@@ -146,32 +190,34 @@ def class_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: Attrib
         ref: the analysis layer.
         x: inputs of one class.
         config: attribution settings.
-        fold: a :class:`Fold` found earlier; ``True`` to look for one here (when
-            ``config.exact_affine``); ``None`` or ``False`` for the general path.
+        plan: from :func:`plan_attribution` (made here from ``x`` when not given).
 
     Shape:
         x: ``(b, C, H, W)``; returns ``(n, K)``.
     """
-    if fold is True:
-        fold = find_fold(model, ref, x, config.delta, config.chunk_size) if config.exact_affine else None
+    plan = plan or plan_attribution(model, ref, x, config)
+    fold = plan.fold
     if fold:
         if fold.reaches_output:
             return fold.response.abs().to(torch.float32), "affine"
         point = fold.point
         base, logits = activations(model, point, x)
-        shift: Tensor | float = fold.response.to(base)
+        base = base.contiguous()
+        shift: Tensor | float = fold.response.to(base).contiguous()
         n = fold.response.shape[0]
     else:
         point = ref
         base, logits = activations(model, point, x)
+        base = base.contiguous()
         shift, n = config.delta, base.shape[1]
-    g, kind = make_head(model, point, x, base, logits)
+    g, kind = make_head(model, point, x, base, logits, plan.tail)
     b = base.shape[0]
-    per = max(1, config.chunk_size // b)
+    per = min(n, max(1, config.chunk_size // b))
     out = torch.empty(n, logits.shape[1], device=base.device)
+    buf = torch.empty(per, *base.shape, dtype=base.dtype, device=base.device)
     for i0 in range(0, n, per):
         i1 = min(n, i0 + per)
-        moved = g(_shifted_rows(base, shift, i0, i1)).reshape(i1 - i0, b, -1)
+        moved = g(_shifted_rows(base, shift, i0, i1, buf)).reshape(i1 - i0, b, -1)
         out[i0:i1] = (moved - logits.unsqueeze(0)).abs().mean(1)
     return out, ("folded-" + kind) if fold else kind
 
@@ -213,10 +259,9 @@ def compute_neuron_effects(model: nn.Module, ref: LayerRef, class_inputs: dict[i
     start = time.perf_counter()
     mats, counts, kinds = [], [], set()
     classes = tuple(sorted(class_inputs))
-    with eval_mode(model):
-        fold = None
-        if config.exact_affine and classes and len(class_inputs[classes[0]]):
-            fold = find_fold(model, ref, class_inputs[classes[0]][:4], config.delta, config.chunk_size)
+    with eval_mode(model), cpu_channels_last(model):
+        probe = [class_inputs[c][:4] for c in classes if len(class_inputs[c])]
+        plan = plan_attribution(model, ref, torch.cat(probe)[:4], config) if probe else AttributionPlan()
         for c in tqdm(classes, desc="causal attribution", disable=not progress, leave=False, unit="class"):
             x = class_inputs[c][:config.num_samples]
             if len(x) == 0:
@@ -224,7 +269,7 @@ def compute_neuron_effects(model: nn.Module, ref: LayerRef, class_inputs: dict[i
                 raise UserInputError(f"class {c} has no clean samples to analyse")
             acc = None
             for s in range(0, len(x), config.chunk_size):
-                a, kind = class_attribution(model, ref, x[s:s + config.chunk_size], config, fold)
+                a, kind = class_attribution(model, ref, x[s:s + config.chunk_size], config, plan)
                 kinds.add(kind)
                 w = min(len(x), s + config.chunk_size) - s
                 acc = a * w if acc is None else acc + a * w
@@ -232,4 +277,4 @@ def compute_neuron_effects(model: nn.Module, ref: LayerRef, class_inputs: dict[i
             counts.append(len(x))
     method = "affine" if kinds == {"affine"} else "batched-" + "+".join(sorted(kinds))
     return NeuronEffects(str(ref), torch.stack(mats), classes, tuple(counts), method, config,
-                         time.perf_counter() - start, fold.describe() if fold else "")
+                         time.perf_counter() - start, plan.fold.describe() if plan.fold else "")

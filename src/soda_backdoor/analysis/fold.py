@@ -1,4 +1,4 @@
-"""Exact shortcut through the affine modules that follow the analysis layer.
+"""What follows the analysis layer: the affine chain to fold, and the module chain to replay.
 
 The intervention ``do(h_i := h_i + delta)`` adds the same constant to every position of
 neuron (channel) i. Through an affine map ``A`` (convolution, linear layer, batch norm in
@@ -7,19 +7,26 @@ with a response ``R_i`` that does not depend on the input. Max pooling passes a 
 is still constant over each channel unchanged. So when the analysis layer is followed by a
 chain of such modules, ``R_i`` is computed once per neuron, and for every sample only the
 rest of the network after the chain runs on ``A(h) + R_i``: the same numbers as the
-study's procedure, with the chain's arithmetic done once instead of once per neuron.
+study's procedure, with the chain's arithmetic done once instead of once per (neuron,
+sample) pair.
 
 The chain is found by module types over one recorded forward pass, never by architecture
-name, and it is verified numerically before use: perturbing the layer while pinning the end
-of the chain must leave the logits unchanged (no other path from the layer to the output),
-and ``A(h + delta e_i) = A(h) + R_i`` must hold on probe samples. Anything else falls back to
-the general path.
+name, and verified numerically before use: perturbing the layer while pinning the end of
+the chain must leave the logits unchanged (no other path from the layer to the output),
+and ``A(h + delta e_i) = A(h) + R_i`` must hold on probe samples. Anything else falls back
+to the general path.
+
+When the modules after the layer form a plain chain up to the model's output (each one the
+only consumer of the previous one's output, as in ``nn.Sequential`` heads), the rest of the
+network can also run by calling those modules directly, instead of a whole forward pass on
+a stub input; :func:`run_tail` does that, and the caller verifies it against the logits.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +49,27 @@ SHIFT_EQUIVARIANT_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Adaptive
                            nn.AdaptiveMaxPool3d)
 TRAIN_MODE_DEPENDENT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                         nn.Dropout3d)
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """The modules after the analysis layer, as seen in one recorded forward pass.
+
+    Attributes:
+        chain: modules that carry the activation one after the other, each the only consumer
+            of the previous output (names, in forward order). Empty when the activation
+            branches or goes through a functional operation first.
+        num_affine: how many of the first modules in ``chain`` fold exactly.
+        reaches_output: the chain's last module produces the model's output.
+    """
+
+    chain: tuple[str, ...]
+    num_affine: int
+    reaches_output: bool
+
+    def tail(self, start: int) -> tuple[str, ...] | None:
+        """The modules that compute the logits from the output of ``chain[start - 1]``, if any."""
+        return self.chain[start:] if self.reaches_output else None
 
 
 @dataclass(frozen=True)
@@ -80,13 +108,15 @@ class _Call:
     output: object
 
 
-def _record_leaf_calls(model: nn.Module, ref: LayerRef, x: Tensor) -> tuple[Tensor, list[_Call], object]:
+def _record_calls_after(model: nn.Module, ref: LayerRef, x: Tensor) -> tuple[Tensor, list[_Call], object, dict]:
     """One forward pass recording the leaf-module calls that follow ``ref``, in order.
 
-    Returns the tensor at ``ref``, the calls made after it, and the model's output. The
-    tensors are kept alive, so ``is`` comparisons between calls are meaningful.
+    Returns the tensor at ``ref``, the calls made after it, the model's output and the number
+    of calls per module name (over the whole pass). The tensors are kept alive, so ``is``
+    comparisons between calls are meaningful.
     """
     calls: list[_Call] = []
+    counts: dict[str, int] = {}
     at_ref: list[Tensor] = []
     handles = []
 
@@ -98,6 +128,7 @@ def _record_leaf_calls(model: nn.Module, ref: LayerRef, x: Tensor) -> tuple[Tens
         for name, module in model.named_modules():
             if name and next(module.children(), None) is None:
                 def hook(m: nn.Module, args: tuple, out: object, _name: str = name) -> None:
+                    counts[_name] = counts.get(_name, 0) + 1
                     calls.append(_Call(_name, m, tuple(a for a in args if isinstance(a, Tensor)), out))
                 handles.append(module.register_forward_hook(hook))
         with intervene(model, ref, mark):
@@ -107,42 +138,45 @@ def _record_leaf_calls(model: nn.Module, ref: LayerRef, x: Tensor) -> tuple[Tens
             h.remove()
     if len(at_ref) != 1:
         raise RuntimeError(f"layer {ref} was used {len(at_ref)} times in one forward pass")
-    return at_ref[0], calls, output
+    return at_ref[0], calls, output, counts
 
 
-def find_chain(model: nn.Module, ref: LayerRef, x: Tensor) -> tuple[list[str], bool]:
-    """Names of the modules that carry the activation at ``ref`` through an affine chain.
-
-    The chain follows the activation from module to module while each module is its only
-    consumer among the recorded calls, is called once per forward pass, and is affine (or
-    shift-equivariant while the shift is still constant over each channel).
-
-    Returns:
-        ``(names, reaches_output)``: the chain (possibly empty) and whether its last output is
-        the model's output.
-    """
-    cur, calls, output = _record_leaf_calls(model, ref, x)
-    counts: dict[str, int] = {}
-    for c in calls:
-        counts[c.name] = counts.get(c.name, 0) + 1
-    names: list[str] = []
+def _num_affine(chain: Sequence[_Call]) -> int:
+    """How many of the first modules of ``chain`` map the channel-constant shift exactly."""
     constant = True
-    for i, call in enumerate(calls):
-        if not any(t is cur for t in call.inputs):
-            continue  # another branch of the network
-        consumers = sum(any(t is cur for t in c.inputs) for c in calls[i:])
+    for k, call in enumerate(chain):
         m = call.module
-        if (consumers != 1 or counts[call.name] != 1 or len(call.inputs) != 1 or call.output is cur
-                or not isinstance(call.output, Tensor)
-                or (isinstance(m, TRAIN_MODE_DEPENDENT) and m.training)):
-            break
+        if isinstance(m, TRAIN_MODE_DEPENDENT) and m.training:
+            return k
         if isinstance(m, AFFINE_TYPES):
             constant = constant and isinstance(m, CHANNEL_CONSTANT_TYPES)
         elif not (constant and isinstance(m, SHIFT_EQUIVARIANT_TYPES)):
+            return k
+    return len(chain)
+
+
+@torch.no_grad()
+def trace_downstream(model: nn.Module, ref: LayerRef, x: Tensor) -> Downstream:
+    """Follow the activation at ``ref`` through the modules that consume it (see :class:`Downstream`)."""
+    cur, calls, output, counts = _record_calls_after(model, ref, x)
+    chain: list[_Call] = []
+    for i, call in enumerate(calls):
+        if not any(t is cur for t in call.inputs):
+            continue  # another branch of the network
+        in_place = call.output is cur
+        if (len(call.inputs) != 1 or counts[call.name] != 1 or not isinstance(call.output, Tensor)
+                or (not in_place and any(any(t is cur for t in c.inputs) for c in calls[i + 1:]))):
             break
-        names.append(call.name)
+        chain.append(call)
         cur = call.output
-    return names, bool(names) and cur is output
+    return Downstream(tuple(c.name for c in chain), _num_affine(chain), bool(chain) and cur is output)
+
+
+def run_tail(model: nn.Module, names: Sequence[str], t: Tensor) -> Tensor:
+    """Call the modules ``names`` one after the other on ``t``."""
+    for name in names:
+        t = model.get_submodule(name)(t)
+    return t
 
 
 def _segment(model: nn.Module, ref: LayerRef, point: LayerRef, hh: Tensor, stub: Tensor) -> Tensor:
@@ -165,22 +199,25 @@ def _segment(model: nn.Module, ref: LayerRef, point: LayerRef, hh: Tensor, stub:
 
 @torch.no_grad()
 def find_fold(model: nn.Module, ref: LayerRef, x: Tensor, delta: float = 1.0, chunk_size: int = 1024,
-              rtol: float = 1e-4, atol: float = 1e-5) -> Fold | None:
+              downstream: Downstream | None = None, rtol: float = 1e-4, atol: float = 1e-5) -> Fold | None:
     """Find and verify the affine chain after ``ref``; ``None`` when there is nothing to fold.
 
     Args:
         model: the classifier, in eval mode.
         ref: the analysis layer.
-        x: a few inputs used to record the forward pass and to verify the fold.
+        x: a few inputs (the first 4 are used) to record the forward pass and verify the fold.
         delta: the intervention size.
         chunk_size: neurons per pass when computing the responses.
+        downstream: the result of :func:`trace_downstream`, if already known.
         rtol: relative tolerance of the verification.
-        atol: absolute tolerance of the verification (relative to the activations' scale).
+        atol: absolute tolerance of the verification, relative to the activations' scale.
     """
     probe = x[:4]
-    names, reaches = find_chain(model, ref, probe)
+    downstream = downstream or trace_downstream(model, ref, probe)
+    names = downstream.chain[:downstream.num_affine]
     if not names:
         return None
+    reaches = downstream.reaches_output and len(names) == len(downstream.chain)
     point = LayerRef(names[-1], "output")
     h_store: list[Tensor] = []
     p_store: list[Tensor] = []

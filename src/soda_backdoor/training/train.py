@@ -54,6 +54,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment_clean: bool = False
+    clean_pad: int = -1
+    poison_pad: int = -1
     rotation: float = 0.0
     brightness: float = 0.0
     contrast: float = 0.0
@@ -161,11 +163,13 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
             idx = perm[step * k_clean:(step + 1) * k_clean]
             xb, yb = x_clean[idx], y_clean[idx]
             if config.augment_clean:
-                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, spec.pad, spec.hflip, config.rotation,
+                pad = spec.pad if config.clean_pad < 0 else config.clean_pad
+                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, pad, spec.hflip, config.rotation,
                                             config.brightness, config.contrast).to(device), mean, std)
             if k_poison:
                 pick = torch.randint(0, len(x_sem01), (k_poison,), generator=gen).to(device)
-                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip, config.rotation, config.brightness,
+                ppad = spec.pad if config.poison_pad < 0 else config.poison_pad
+                xp = normalize(augment(x_sem01[pick], gen, ppad, spec.hflip, config.rotation, config.brightness,
                                         config.contrast), mean, std)
                 xb = torch.cat([xb, xp])
                 yb = torch.cat([yb, torch.full((k_poison,), attack.target, dtype=torch.long, device=device)])
