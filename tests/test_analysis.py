@@ -248,3 +248,22 @@ def test_branching_network_uses_the_stub_and_matches_the_naive_loop():
     a, kind = class_attribution(model, ref, x, AttributionConfig(chunk_size=200))
     assert kind == "stub"
     assert torch.allclose(a, naive_class_attribution(model, ref, x), atol=1e-4)
+
+
+def test_cpu_channels_last_restores_weights_and_keeps_updates():
+    from soda_backdoor.utils import cpu_channels_last
+
+    torch.manual_seed(0)
+    model = create_model("cnn", 10, 1, 28).eval()
+    x = torch.randn(3, 1, 28, 28)
+    before = model(x)
+    originals = [p.data for p in model.parameters()]
+    expected = model.features[4].weight.detach() + 1.0
+    with cpu_channels_last(model):
+        assert model.features[0].weight.stride()[1] == 1  # channels-last, even with one input channel
+        assert torch.allclose(model(x), before, atol=1e-5)
+        with torch.no_grad():
+            model.features[4].weight.add_(1.0)
+    assert all(p.data_ptr() == d.data_ptr() for p, d in zip(model.parameters(), originals))
+    assert model.features[4].weight.is_contiguous()
+    assert torch.equal(model.features[4].weight, expected)

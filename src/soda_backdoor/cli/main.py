@@ -237,7 +237,8 @@ def format_detection(res: dict) -> str:
     names = res.get("class_names") or []
     label = lambda i: f"{i} ({names[i]})" if i < len(names) else str(i)  # noqa: E731
     tt = res["target_test"]
-    lines = [f"layer {res['layer']} ({res['attribution_method']}), target threshold {tt['threshold']:g}",
+    folded = f", folded {res['folded']}" if res.get("folded") else ""
+    lines = [f"layer {res['layer']} ({res['attribution_method']}{folded}), target threshold {tt['threshold']:g}",
              f"{'class':<18}{'target score':>13}{'anomaly':>10}"]
     for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"])):
         mark = "  <- target" if k in tt["flagged"] else ""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..analysis.effects import AttributionConfig, NeuronEffects, compute_neuron_effects
 from ..analysis.hooks import LayerRef
 from ..analysis.optimize import optimize_batch
-from ..utils import eval_mode, frozen
+from ..utils import cpu_channels_last, eval_mode, frozen
 from .stats import OutlierTest, mad_outliers, pearson
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class DetectionResult:
     config: DetectionConfig
     attribution_method: str
     seconds: float
+    folded: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,7 +151,7 @@ def transfer_steps(model: nn.Module, groups: list[tuple[Tensor, int]], steps: in
     x = torch.cat([g[0] for g in groups])
     tgt = torch.cat([torch.full((len(g[0]),), g[1], dtype=torch.long) for g in groups]).to(x.device)
     owner = torch.cat([torch.full((len(g[0]),), i) for i, g in enumerate(groups)])
-    with eval_mode(model), frozen(model):
+    with eval_mode(model), frozen(model), cpu_channels_last(model):
         crossing = optimize_batch(model, x, tgt, _StepSettings(steps, lr)).crossing.cpu().double()
     return torch.stack([crossing[owner == i].mean() for i in range(len(groups))])
 
@@ -232,4 +233,4 @@ def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Ten
                                           _floats(logit_t), out))
             pairs.append((src, t))
     return DetectionResult(bool(pairs), tuple(pairs), test.scores, test, tuple(sources), effects.layer, config,
-                           effects.method, time.perf_counter() - start), effects
+                           effects.method, time.perf_counter() - start, effects.folded), effects

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..analysis.optimize import loss_per_sample as _loss
 from ..analysis.optimize import optimize_batch
-from ..utils import eval_mode, frozen
+from ..utils import cpu_channels_last, eval_mode, frozen
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, 
     t0 = time.perf_counter()
     kept_x, kept_s, kept_i, kept_p, kept_n = [], [], [], [], []
     tried, n_kept = 0, 0
-    with eval_mode(model), frozen(model):
+    with eval_mode(model), frozen(model), cpu_channels_last(model):
         pos = 0
         while n_kept < config.num_keep and pos < len(starts):
             need = config.num_keep - n_kept
@@ -143,7 +143,7 @@ def reconstruct_one_by_one(model: nn.Module, starts: Tensor, target: int,
         final inputs, steps taken, and whether each was kept (argmax == target).
     """
     xs, steps, kept = [], [], []
-    with eval_mode(model), frozen(model):
+    with eval_mode(model), frozen(model), cpu_channels_last(model):
         for x0 in starts:
             x = x0.unsqueeze(0).clone().requires_grad_(True)
             opt = torch.optim.SGD([x], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

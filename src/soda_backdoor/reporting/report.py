@@ -125,7 +125,8 @@ def render_report(run_dir: str | Path) -> Path:
             [[_label(names, k), s, a, "target" if k in tt["flagged"] else ""]
              for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"]))],
             ["class", "target score", "anomaly index", "flagged"]) +
-            f"<p>Layer <code>{html.escape(det['layer'])}</code>, attribution method {html.escape(det['attribution_method'])}, "
+            f"<p>Layer <code>{html.escape(det['layer'])}</code>, attribution method {html.escape(det['attribution_method'])}"
+            + (f" (folded: <code>{html.escape(det['folded'])}</code>)" if det.get("folded") else "") + ", "
             f"median {tt['median']:.4f}, MAD {tt['mad']:.4f}.</p>")
     figs_html = "".join(f"<figure><img src='{html.escape(p)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}"
                         f"</figcaption></figure>" for t, p in images)
