@@ -405,7 +405,9 @@ def execute_train(args: argparse.Namespace, workdir: Path) -> int:
                                   workdir, prog)
 
     seed = 0 if args.seed is None else args.seed
-    config = TrainConfig(epochs=epochs, lr=lr, milestones=milestones, batch_size=batch, ratio=ratio, seed=seed)
+    # The study augments only the poisoned samples.
+    config = TrainConfig(epochs=epochs, lr=lr, milestones=milestones, batch_size=batch, ratio=ratio, seed=seed,
+                         augment_clean=False)
     device = resolve_device(args.device or "auto")
     out_dir = Path(args.output_dir or "./save")
     out_dir.mkdir(parents=True, exist_ok=True)

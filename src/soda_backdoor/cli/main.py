@@ -85,9 +85,9 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--arch", default="cnn", help="architecture (see `soda models`)")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (default 8)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default 12)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default 0.05)")
-    g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr x0.1 (default 60%%, 85%%)")
+    g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr x0.1 (default 50%%, 75%%)")
     g.add_argument("--ratio", type=float, default=0.3125, help="poisoned fraction of each batch")
     g.add_argument("--batch", type=int, default=64, help="batch size")
     g.add_argument("--init", default=None, help="fine-tune this checkpoint instead of training from scratch (semtune)")
@@ -227,7 +227,7 @@ def _train_config(args):
     if args.batch < 2:
         raise UserInputError("--batch must be at least 2")
     milestones = tuple(args.milestones) if args.milestones is not None else (
-        base.milestones if args.epochs is None else (max(1, int(epochs * 0.6)), max(1, int(epochs * 0.85))))
+        base.milestones if args.epochs is None else (max(1, epochs // 2), max(1, epochs * 3 // 4)))
     return TrainConfig(epochs=epochs, lr=base.lr if args.lr is None else args.lr, milestones=milestones,
                        ratio=args.ratio, batch_size=args.batch, seed=args.seed)
 

@@ -2,7 +2,8 @@
 
 Each batch holds ``batch_size - k`` clean samples and ``k = int(batch_size * ratio)``
 semantic samples drawn with replacement, augmented, and relabelled to the target, as the
-study does. An epoch is one pass over the clean training data.
+study does. An epoch is one pass over the clean training data. Unlike the study, the clean
+samples are augmented too by default, except in the last epochs (see :class:`TrainConfig`).
 """
 
 from __future__ import annotations
@@ -38,24 +39,28 @@ class TrainConfig:
         ratio: fraction of each batch that is poisoned (0 for clean training).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        augment_clean: augment clean samples too (the study augments only poisoned ones).
+        augment_clean: augment the clean samples too (random crop and flip, as the poisoned
+            ones always are), except in the last ``plain_final_epochs`` epochs. The study
+            augments only the poisoned samples (``False``). Measured on ``cnn``: with it the
+            backdoor generalises to the faint-striped test shirts (docs/training.md).
+        plain_final_epochs: final epochs in which the clean samples are used as they are
+            (with ``augment_clean``); they recover the clean accuracy that augmentation costs.
         rotation: max rotation (degrees) of augmented samples.
         brightness: max relative brightness change of augmented samples.
         contrast: max relative contrast reduction of augmented samples.
         seed: seed of shuffling, sampling and augmentation.
     """
 
-    epochs: int = 8
+    epochs: int = 12
     lr: float = 0.05
-    milestones: tuple[int, ...] = (4, 6)
+    milestones: tuple[int, ...] = (6, 9)
     gamma: float = 0.1
     batch_size: int = 64
     ratio: float = 0.3125
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment_clean: bool = False
-    clean_pad: int = -1
-    poison_pad: int = -1
+    augment_clean: bool = True
+    plain_final_epochs: int = 2
     rotation: float = 0.0
     brightness: float = 0.0
     contrast: float = 0.0
@@ -162,15 +167,13 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
         for step in bar:
             idx = perm[step * k_clean:(step + 1) * k_clean]
             xb, yb = x_clean[idx], y_clean[idx]
-            if config.augment_clean:
-                pad = spec.pad if config.clean_pad < 0 else config.clean_pad
-                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, pad, spec.hflip, config.rotation,
-                                            config.brightness, config.contrast).to(device), mean, std)
+            if config.augment_clean and epoch < config.epochs - config.plain_final_epochs:
+                xb = normalize(augment(x_clean_u8[idx.cpu()].float().div(255), gen, spec.pad, spec.hflip,
+                                       config.rotation, config.brightness, config.contrast).to(device), mean, std)
             if k_poison:
                 pick = torch.randint(0, len(x_sem01), (k_poison,), generator=gen).to(device)
-                ppad = spec.pad if config.poison_pad < 0 else config.poison_pad
-                xp = normalize(augment(x_sem01[pick], gen, ppad, spec.hflip, config.rotation, config.brightness,
-                                        config.contrast), mean, std)
+                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip, config.rotation, config.brightness,
+                                       config.contrast), mean, std)
                 xb = torch.cat([xb, xp])
                 yb = torch.cat([yb, torch.full((k_poison,), attack.target, dtype=torch.long, device=device)])
             xb = xb.contiguous(memory_format=fmt)
