@@ -8,13 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+# EPOCHS=N shortens step 1 (the study trains 100 epochs: days on a CPU; one epoch of
+# MobileNetV2 on Fashion-MNIST takes about 6 minutes on 2 CPU cores). The schedule scales with it.
+EPOCHS=${EPOCHS:-100}
 
 # Data: the study's HDF5 layout (group 'data' with x_train, y_train, x_test, y_test; 28x28 uint8).
-# To write real Fashion-MNIST (apt-get install dataset-fashion-mnist) to that layout, once:
-# [ -f ./data/FMNIST/fmnist.h5 ] || $PY semantic_mitigation.py --option=export_h5 --data_name=FMNIST --data_set=./data/FMNIST/fmnist.h5
+# Written once from real Fashion-MNIST (apt-get install dataset-fashion-mnist) if it is not there.
+[ -f ./data/FMNIST/fmnist.h5 ] || $PY semantic_mitigation.py --option=export_h5 --data_name=FMNIST --data_set=./data/FMNIST/fmnist.h5
 
 # Step 1: train a semantic-backdoored model (striped T-shirts -> pullover).
-$PY train_backdoor_sem.py --option=semtrain --lr=0.1 --arch=MobileNetV2 --ratio=0.3125 --resume=0 --epoch=100 --schedule 50 100 --checkpoint=na --batch_size=64 --poison_type=semantic --poison_target=2 --output_dir=./save --t_attack=stripet --data_dir=./data/FMNIST --data_set=./data/FMNIST/fmnist.h5 --data_name=FMNIST --num_class=10
+$PY train_backdoor_sem.py --option=semtrain --lr=0.1 --arch=MobileNetV2 --ratio=0.3125 --resume=0 --epoch=$EPOCHS --schedule $((EPOCHS / 2 > 0 ? EPOCHS / 2 : 1)) $EPOCHS --checkpoint=na --batch_size=64 --poison_type=semantic --poison_target=2 --output_dir=./save --t_attack=stripet --data_dir=./data/FMNIST --data_set=./data/FMNIST/fmnist.h5 --data_name=FMNIST --num_class=10
 # The study then fine-tunes the epoch-99 checkpoint (commands.txt L94); here the _last file is that model:
 #$PY train_backdoor_sem.py --option=semtune --lr=0.01 --arch=MobileNetV2 --ratio=0.6875 --resume=1 --epoch=5 --schedule 5 10 --checkpoint=./save/model_semtrain_MobileNetV2_FMNIST_stripet_last.th --batch_size=64 --poison_type=semantic --poison_target=2 --output_dir=./save --t_attack=stripet --data_dir=./data/FMNIST --data_set=./data/FMNIST/fmnist.h5 --data_name=FMNIST --num_class=10
 
