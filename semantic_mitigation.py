@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_sample", type=int, default=None,
                    help="clean samples per class (causality_analysis, detect, remove; default 256) or samples to "
                         "keep (gen_trigger; default 100)")
-    g.add_argument("--confidence", type=float, default=None, help="MAD threshold for targets (tau_target, default 5)")
+    g.add_argument("--confidence", type=float, default=None, help="MAD threshold for targets (tau_target, default 4.5)")
     g.add_argument("--confidence2", type=float, default=None, help="MAD threshold for sources (tau_source, default 2)")
     g.add_argument("--potential_source", type=int, default=None, help="source class (gen_trigger, remove)")
     g.add_argument("--potential_target", default=None, help="ignored")

@@ -78,7 +78,8 @@ def main() -> None:
             pred = probs.argmax(1)
             missed = [(i, int(pred[i]), round(float(probs[i, attack.target]), 3))
                       for i in range(len(xs)) if pred[i] != attack.target]
-        line = {"label": label, **rec, "acc": ev.acc, "asr": ev.asr, "missed": missed}
+        p_target = [round(float(v), 3) for v in probs[:, attack.target]] if attack is not None else []
+        line = {"label": label, **rec, "acc": ev.acc, "asr": ev.asr, "missed": missed, "p_target": p_target}
         print(json.dumps(line), flush=True)
         if log:
             log.write(json.dumps(line) + "\n")

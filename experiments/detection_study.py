@@ -36,7 +36,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = DetectionConfig(tau_target=a.tau_target, attribution=AttributionConfig(num_samples=a.num_samples))
     rows = []
-    hdr = f"{'model':<34}{'attack':<12}{'true':>7}{'AI(t)':>8}{'maxAI(other)':>13}  {'pairs':<14}{'one_way':>8}{'study':>7}{'sec':>6}"
+    hdr = f"{'model':<34}{'attack':<12}{'true':>7}{'AI(t)':>8}{'maxAI(other)':>13}  {'pairs':<14}{'source':>8}{'study':>7}{'sec':>6}"
     print(hdr)
     for path in a.models:
         meta = load_model(path).meta
@@ -57,7 +57,7 @@ def main() -> None:
         src_st = next((s["source"] for s in study["sources"] if s["target"] == t), None)
         true = f"{atk.source}->{atk.target}" if atk else "none"
         row = {"model": path, "attack": attack, "true": true, "ai_target": ai[t] if t is not None else None,
-               "max_ai_other": max(others), "pairs": pairs, "source_one_way": src_ow, "source_study": src_st,
+               "max_ai_other": max(others), "pairs": pairs, "source_default_rule": src_ow, "source_study": src_st,
                "seconds": res["seconds"], "anomaly_index": ai,
                "source_scores": [s["scores"] for s in res["sources"]]}
         rows.append(row)

@@ -55,7 +55,7 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                    "(default: the input of the last Linear layer)")
     g.add_argument("--num-samples", type=int, default=256, help="clean samples per class (default 256)")
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per forward pass of the rest of the network")
-    g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 5.0)")
+    g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 4.5)")
     g.add_argument("--tau-source", type=float, default=None, help="MAD threshold reported for sources (default 2.0)")
     g.add_argument("--source-rule", default=None, choices=["fastest", "one_way", "mean_logit", "asymmetry"],
                    help="how the source class is chosen (default fastest; mean_logit is the study's)")
