@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=AttributionConfig().chunk_size)
     ap.add_argument("--no-unfolded", action="store_true", help="skip timing the unfolded batched path")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs of the naive and default paths (median)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs of the naive and default paths (median)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     layers = [a.layer] if a.layer else a.layers

@@ -157,13 +157,26 @@ def test_fold_through_maxpool_conv_bn_is_exact():
     x = torch.randn(9, 1, 8, 8)
     eff = compute_neuron_effects(model, LayerRef("conv1"), {0: x}, AttributionConfig(chunk_size=10))
     assert eff.folded == "pool -> conv2 -> bn"
-    assert eff.method == "batched-folded-chain"
+    # ReLU then only affine modules (gap, flatten, fc): one max pass per row (relu_affine).
+    assert eff.method == "batched-folded-chain-relu"
     h = model.conv1(x)
     expected = _manual_attribution(lambda t: model.fc(model.flat(model.gap(model.act(model.bn(model.conv2(
         model.pool(t))))))), h)
     assert torch.allclose(eff.matrices[0], expected, atol=1e-5)
     unfolded = compute_neuron_effects(model, LayerRef("conv1"), {0: x}, AttributionConfig(exact_affine=False))
     assert unfolded.folded == "" and torch.allclose(unfolded.matrices[0], expected, atol=1e-5)
+
+
+def test_relu_shortcut_not_taken_when_the_rest_is_not_affine():
+    # A global max-pool after the ReLU is not affine: rows go through the modules as they are.
+    torch.manual_seed(1)
+    model = PoolConvHead().eval()
+    model.gap = nn.AdaptiveMaxPool2d(1)
+    x = torch.randn(7, 1, 8, 8)
+    eff = compute_neuron_effects(model, LayerRef("conv1"), {0: x}, AttributionConfig(chunk_size=10))
+    assert eff.folded == "pool -> conv2 -> bn" and eff.method == "batched-folded-chain"
+    expected = naive_class_attribution(model, LayerRef("conv1"), x)
+    assert torch.allclose(eff.matrices[0], expected, atol=1e-5)
 
 
 def test_fold_stops_where_the_shift_is_no_longer_channel_constant():
