@@ -157,7 +157,7 @@ def test_fold_through_maxpool_conv_bn_is_exact():
     x = torch.randn(9, 1, 8, 8)
     eff = compute_neuron_effects(model, LayerRef("conv1"), {0: x}, AttributionConfig(chunk_size=10))
     assert eff.folded == "pool -> conv2 -> bn"
-    # ReLU then only affine modules (gap, flatten, fc): one max pass per row (relu_affine).
+    # ReLU then only affine modules (gap, flatten, fc): one max pass per row (the plan's relu_offset).
     assert eff.method == "batched-folded-chain-relu"
     h = model.conv1(x)
     expected = _manual_attribution(lambda t: model.fc(model.flat(model.gap(model.act(model.bn(model.conv2(

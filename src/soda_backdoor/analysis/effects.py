@@ -150,14 +150,15 @@ class AttributionPlan:
         fold: the affine modules after the layer, folded (``None``: nothing folded).
         tail: the module chain from the substitution point (the layer, or the end of the
             fold) to the output, when the network is such a chain there.
-        relu_affine: the folded tail is a ReLU followed by affine modules only (checked
-            numerically). Then ``f(relu(b + r)) = f(max(b, -r)) + f(r) - f(0)`` for the affine
-            rest ``f``: one pass over each row instead of an add and a ReLU.
+        relu_offset: set when the folded tail is a ReLU followed by affine modules only
+            (checked numerically): ``f(R_i) - f(0)`` per neuron, ``(n, K)``, for the affine rest
+            ``f``. Then ``f(relu(b + R_i)) = f(max(b, -R_i)) + f(R_i) - f(0)``: one pass over
+            each row instead of an add and a ReLU.
     """
 
     fold: Fold | None = None
     tail: tuple[str, ...] | None = None
-    relu_affine: bool = False
+    relu_offset: Tensor | None = None
 
 
 def _is_affine_chain(model: nn.Module, names: Sequence[str], like: Tensor) -> bool:
@@ -183,11 +184,13 @@ def plan_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: Attribu
         return AttributionPlan()
     fold = find_fold(model, ref, x, config.delta, config.chunk_size, downstream) if config.exact_affine else None
     tail = downstream.tail(len(fold.modules) if fold else 0)
-    relu_affine = False
+    relu_offset = None
     if fold and not fold.reaches_output and tail and isinstance(model.get_submodule(tail[0]), nn.ReLU):
         base, _ = activations(model, fold.point, x[:4])
-        relu_affine = _is_affine_chain(model, tail[1:], base)
-    return AttributionPlan(fold, tail, relu_affine)
+        if _is_affine_chain(model, tail[1:], base):
+            r = fold.response.to(base)
+            relu_offset = run_tail(model, tail[1:], r.clone()) - run_tail(model, tail[1:], torch.zeros_like(r[:1]))
+    return AttributionPlan(fold, tail, relu_offset)
 
 
 def _activations_batched(model: nn.Module, ref: LayerRef, x: Tensor, batch: int) -> tuple[Tensor, Tensor]:
@@ -251,11 +254,11 @@ def class_attribution(model: nn.Module, ref: LayerRef, x: Tensor, config: Attrib
     per = min(n, max(1, config.chunk_size // b))
     out = torch.empty(n, logits.shape[1], device=base.device)
     buf = torch.empty(per, *base.shape, dtype=base.dtype, device=base.device)
-    if kind == "chain" and plan.relu_affine and isinstance(shift, Tensor):
+    if kind == "chain" and plan.relu_offset is not None and isinstance(shift, Tensor):
         # relu(b + r) = max(b, -r) + r, and the affine rest f takes the "+ r" as f(r) - f(0).
         rest = plan.tail[1:]
         neg = shift.neg()
-        corr = run_tail(model, rest, shift.clone()) - run_tail(model, rest, torch.zeros_like(shift[:1]))
+        corr = plan.relu_offset.to(logits)
         for i0 in range(0, n, per):
             i1 = min(n, i0 + per)
             rows = torch.maximum(base.unsqueeze(0), neg[i0:i1].unsqueeze(1), out=buf[:i1 - i0])
