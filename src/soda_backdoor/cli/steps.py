@@ -192,6 +192,18 @@ def _attack_for(model: str, attack: str | None, attack_file: str | None) -> str 
         return None
 
 
+def registry_attack_of(model: str, dataset: str) -> str | None:
+    """The attack recorded in a model file's metadata, if the registry has it for ``dataset``."""
+    name = _attack_for(model, None, None)
+    if name is None or name == "none":
+        return name
+    try:
+        get_attack(name, dataset)
+    except UserInputError:
+        return None
+    return name
+
+
 # ----------------------------------------------------------------------------- reconstruct
 
 def save_reconstruction(path: str | Path, rec: Reconstruction, fingerprint: str) -> None:
