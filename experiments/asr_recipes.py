@@ -6,7 +6,7 @@ are not sent to the target (with their predicted class and target probability). 
 line per epoch goes to ``--log``.
 
 Usage:
-    python experiments/asr_recipes.py --seed 0 --width 32 --set epochs=8 milestones=4,6 --log out.jsonl
+    python experiments/asr_recipes.py --seed 0 --width 48 --set epochs=8 milestones=4,6 --log out.jsonl
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import fields, replace
 
 import torch
 
+from soda_backdoor import load_model
 from soda_backdoor.data import get_attack, load_dataset, normalize
 from soda_backdoor.data.splits import make_splits
 from soda_backdoor.models.cnn import SmallCNN
@@ -46,11 +47,12 @@ def parse_overrides(items: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--width", type=int, default=48)
     ap.add_argument("--attack", default="stripet", help="'none' for clean")
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--log", default=None)
+    ap.add_argument("--init", default=None, help="fine-tune this model file instead of a fresh cnn (semtune)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -62,10 +64,13 @@ def main() -> None:
     if attack is None:
         config = replace(config, ratio=0.0)
     torch.manual_seed(a.seed)
-    model = SmallCNN(spec.num_classes, spec.in_channels, a.width)
+    if a.init:
+        model = load_model(a.init).module
+    else:
+        model = SmallCNN(spec.num_classes, spec.in_channels, a.width)
     xs = data.x_test[splits.semantic_test]
     log = open(a.log, "a") if a.log else None
-    label = f"seed={a.seed} width={a.width} " + " ".join(a.set)
+    label = f"seed={a.seed} width={a.width} " + (f"init={a.init} " if a.init else "") + " ".join(a.set)
 
     def on_epoch(rec: dict) -> None:
         ev = evaluate_attack(model, data, splits, attack, spec.mean, spec.std)

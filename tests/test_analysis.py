@@ -91,7 +91,7 @@ def test_effects_restore_mode_and_remove_hooks():
     ref = parse_layer(model, "features.5")
     eff = compute_neuron_effects(model, ref, {0: torch.randn(4, 1, 28, 28), 1: torch.randn(3, 1, 28, 28)},
                                  AttributionConfig(chunk_size=32))
-    assert eff.matrices.shape == (2, 64, 10)
+    assert eff.matrices.shape == (2, model.fc.in_features // 2, 10)  # the second block: 2 x width channels
     assert eff.num_samples == (4, 3)
     assert model.training
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -69,10 +69,12 @@ def test_detect_is_deterministic(real_models, tmp_path):
 
 def test_pipeline_audit_repairs_and_resumes(real_models, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["run", "--model", str(real_models["stripet"]), "--attack", "stripet", "--out-dir", str(run_dir),
+    # no --attack: the model's own attack (from its metadata) is the one evaluated
+    args = ["run", "--model", str(real_models["stripet"]), "--out-dir", str(run_dir),
             "--quiet", "--steps", "300", "--num-keep", "40"]
     assert main(args) == 0
     summary = _json(run_dir / "summary.json")
+    assert summary["before"]["attack"] == "stripet" and summary["before"]["n_semantic"] == 18
     assert summary["backdoor"] and summary["pairs"] == [{"source": 0, "target": 2}]
     rep = _json(run_dir / "repair.json")
     # The repair always fixes the reconstructed samples; on the real striped shirts of a model of

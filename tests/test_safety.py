@@ -80,7 +80,7 @@ def model_b(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_fit(tmp_path_factory, tiny: Path) -> Path:
     """A cnn briefly fitted to the tiny train split: unlike an untrained one, its output depends on the
-    input enough for a 20-step reconstruction to reach the target."""
+    input enough for a 100-step reconstruction to reach the target."""
     from soda_backdoor.data import load_dataset, normalize
 
     data = load_dataset("fmnist", tiny)
@@ -257,7 +257,7 @@ def test_samples_for_another_pair(tmp_path: Path, tiny: Path, model_a: Path, cap
 def test_samples_from_another_model(tmp_path: Path, tiny: Path, model_fit: Path, model_a: Path, capsys) -> None:
     s = tmp_path / "x.npz"
     rc = main(["reconstruct", "--model", str(model_fit), *_data(tiny), "--source", "0", "--target", "2",
-               "--out", str(s), "--steps", "20", "--num-keep", "4", "--png", ""])
+               "--out", str(s), "--steps", "100", "--num-keep", "4", "--png", ""])
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     with np.load(s) as z:
@@ -327,7 +327,7 @@ def test_reconstruct_is_deterministic(tmp_path: Path, tiny: Path, model_fit: Pat
     for i in range(2):
         out = tmp_path / f"x{i}.npz"
         rc = main(["reconstruct", "--model", str(model_fit), *_data(tiny), "--source", "0", "--target", "2",
-                   "--out", str(out), "--steps", "20", "--num-keep", "5", "--seed", "3", "--png", ""])
+                   "--out", str(out), "--steps", "100", "--num-keep", "5", "--seed", "3", "--png", ""])
         assert rc == 0, capsys.readouterr().err
         with np.load(out) as z:
             arrays.append({k: z[k] for k in z.files})
