@@ -1,8 +1,9 @@
 """The small fast CNN used by default on CPU.
 
-Three conv blocks (48, 96, 192 channels), global average pooling, and a single Linear head. The analysis layer
-(input of the Linear) is then the pooled feature vector, where SODA's causal attribution
-separated backdoored from clean models best in our measurements (docs/detection.md).
+Three conv blocks (48, 96, 192 channels), global average pooling, and a single Linear head.
+The analysis layer (input of the Linear) is then the pooled feature vector, where SODA's
+causal attribution separated backdoored from clean models best in our measurements
+(docs/detection.md).
 """
 
 from __future__ import annotations
