@@ -6,7 +6,7 @@ are not sent to the target (with their predicted class and target probability). 
 line per epoch goes to ``--log``.
 
 Usage:
-    python experiments/asr_recipes.py --seed 0 --width 48 --set epochs=8 milestones=4,6 --log out.jsonl
+    python experiments/asr_recipes.py --seed 0 --width 32 --set epochs=8 milestones=4,6 --log out.jsonl
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def parse_overrides(items: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--width", type=int, default=48)
+    ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--attack", default="stripet", help="'none' for clean")
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value")
     ap.add_argument("--threads", type=int, default=0)

@@ -160,7 +160,7 @@ def test_four_steps_cnn_in_process(tiny: Path, tmp_path: Path, monkeypatch: pyte
     assert semantic_mitigation.main(["--option=remove", "--potential_source=0", "--poison_target=2", "--epoch=1",
                                      "--top=0.5", "--ana_layer", "1", "--num_sample=4", model, "--arch=cnn",
                                      "--batch_size=24", *DATA]) == 0
-    assert _state_dict(Path("save/model_finetune_tiny_last.th"))["fc.weight"].shape == (10, 192)
+    assert _state_dict(Path("save/model_finetune_tiny_last.th"))["fc.weight"].shape == (10, 128)
     capsys.readouterr()
     assert semantic_mitigation.main(["--option=test", "--test_reverse=1", "--poison_target=2",
                                      "--in_model=./save/model_finetune_tiny_last.th", *arch, *DATA]) == 0
