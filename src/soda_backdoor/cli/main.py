@@ -40,7 +40,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True, model: bool = False) 
     if data:
         g.add_argument("--dataset", default="fmnist", help="dataset name: fmnist, cifar10, gtsrb, mnistm, mnist")
         g.add_argument("--data-dir", default=None, help="folder or file with the dataset (default: standard places)")
-        g.add_argument("--attack", default=None, help="semantic attack name from the registry, or 'none'")
+        g.add_argument("--attack", default=None, help="semantic attack name from the registry, or 'none' "
+                       "(default for a given model: the attack in its metadata)")
         g.add_argument("--attack-file", default=None, help="JSON file of attacks (schema of semantic_attacks.json)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="random seed")

@@ -78,18 +78,15 @@ class Runner:
 def run_pipeline(args) -> int:
     """The whole job into one run folder; returns the exit status."""
     from .main import _detection_config, _recon_config, _repair_config, _train_config, format_detection
-    from .steps import registry_attack_of, run_detect, run_evaluate, run_reconstruct, run_repair, run_train
+    from .steps import run_detect, run_evaluate, run_reconstruct, run_repair, run_train
 
     out = Path(args.out_dir or DEFAULT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     progress = not args.quiet
     attack = args.attack
-    if attack is None and args.attack_file is None:
-        if args.model is None:
-            attack = "stripet" if args.dataset == "fmnist" else "none"
-        else:  # a given model is evaluated on the attack it was trained with, when it names one we ship
-            attack = registry_attack_of(args.model, args.dataset)
+    if attack is None and args.attack_file is None and args.model is None:
+        attack = "stripet" if args.dataset == "fmnist" else "none"
     train_cfg, det_cfg = _train_config(args), _detection_config(args)
     rec_cfg, rep_cfg = _recon_config(args), _repair_config(args)
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "attack": attack, "attack_file": args.attack_file,

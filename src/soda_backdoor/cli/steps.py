@@ -136,7 +136,7 @@ def run_train(dataset: str, data_dir: str | None, attack: str | None, attack_fil
 def run_evaluate(model: str, dataset: str, data_dir: str | None, attack: str | None, attack_file: str | None,
                  device: torch.device, arch: str | None = None) -> dict[str, Any]:
     """ACC on the clean test split and ASR on the semantic test samples."""
-    ctx = load_context(dataset, data_dir, attack, attack_file)
+    ctx = load_context(dataset, data_dir, _attack_for(model, attack, attack_file), attack_file)
     loaded = open_model(model, ctx, device, arch)
     ev = evaluate_attack(loaded.module, ctx.data, ctx.splits, ctx.attack, loaded.meta.mean, loaded.meta.std, device)
     return {"acc": ev.acc, "asr": ev.asr, "n_clean": ev.n_clean, "n_semantic": ev.n_semantic,
@@ -190,18 +190,6 @@ def _attack_for(model: str, attack: str | None, attack_file: str | None) -> str 
         return meta.get("attack") or None
     except Exception:  # noqa: BLE001 - no metadata: nothing to exclude
         return None
-
-
-def registry_attack_of(model: str, dataset: str) -> str | None:
-    """The attack recorded in a model file's metadata, if the registry has it for ``dataset``."""
-    name = _attack_for(model, None, None)
-    if name is None or name == "none":
-        return name
-    try:
-        get_attack(name, dataset)
-    except UserInputError:
-        return None
-    return name
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -284,7 +272,7 @@ def run_repair(model: str, dataset: str, data_dir: str | None, attack: str | Non
     """Repair a model with reconstructed samples; report ACC/ASR before and after and R-ASR."""
     t0 = time.perf_counter()
     seed_everything(config.seed)
-    ctx = load_context(dataset, data_dir, attack if attack is not None else _attack_for(model, None, attack_file),
+    ctx = load_context(dataset, data_dir, _attack_for(model, attack, attack_file),
                        attack_file, config.seed)
     loaded = open_model(model, ctx, device, arch)
     module, meta = loaded.module, loaded.meta
