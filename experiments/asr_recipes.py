@@ -19,9 +19,12 @@ from dataclasses import fields, replace
 import torch
 
 from soda_backdoor import load_model
+from soda_backdoor.analysis import AttributionConfig, compute_neuron_effects, parse_layer
 from soda_backdoor.data import get_attack, load_dataset, normalize
 from soda_backdoor.data.splits import make_splits
 from soda_backdoor.models.cnn import SmallCNN
+from soda_backdoor.detection import target_scores
+from soda_backdoor.detection.stats import mad_outliers
 from soda_backdoor.training import TrainConfig, evaluate_attack, train_model
 
 
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides key=value")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--log", default=None)
+    ap.add_argument("--out", default=None, help="save the trained state_dict here")
     ap.add_argument("--init", default=None, help="fine-tune this model file instead of a fresh cnn (semtune)")
     a = ap.parse_args()
     if a.threads:
@@ -93,6 +97,17 @@ def main() -> None:
     t0 = time.perf_counter()
     train_model(model, data, splits, attack, config, spec.mean, spec.std, progress=False, on_epoch=on_epoch)
     print(f"# {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+    model.eval()
+    inputs = {c: normalize(data.x_test[splits.clean_test][data.y_test[splits.clean_test] == c][:256], spec.mean, spec.std)
+              for c in range(spec.num_classes)}
+    eff = compute_neuron_effects(model, parse_layer(model, "fc:input"), inputs, AttributionConfig())
+    ai = mad_outliers(target_scores(eff, spec.num_classes), 0.0).anomaly_index
+    t = attack.target if attack is not None else None
+    other = max(v for k, v in enumerate(ai) if k != t)
+    print(f"# detection at fc:input: AI(target) {ai[t] if t is not None else float('nan'):.2f}, "
+          f"max AI(other) {other:.2f}", flush=True)
+    if a.out:
+        torch.save(model.state_dict(), a.out)
 
 
 if __name__ == "__main__":
