@@ -405,9 +405,9 @@ def execute_train(args: argparse.Namespace, workdir: Path) -> int:
                                   workdir, prog)
 
     seed = 0 if args.seed is None else args.seed
-    # The study augments only the poisoned samples.
+    # The study augments only the poisoned samples and does not blend them.
     config = TrainConfig(epochs=epochs, lr=lr, milestones=milestones, batch_size=batch, ratio=ratio, seed=seed,
-                         augment_clean=False)
+                         augment_clean=False, source_blend=0.0)
     device = resolve_device(args.device or "auto")
     out_dir = Path(args.output_dir or "./save")
     out_dir.mkdir(parents=True, exist_ok=True)

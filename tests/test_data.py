@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from soda_backdoor.data.augment import augment, random_crop, random_hflip
+from soda_backdoor.data.augment import augment, random_blend, random_crop, random_hflip
 from soda_backdoor.data.datasets import denormalize, get_dataset_spec, load_dataset, normalize, read_idx
 from soda_backdoor.errors import UserInputError
 
@@ -403,6 +403,17 @@ def test_augment_deterministic_and_shape() -> None:
     assert a.shape == x.shape and a.dtype == x.dtype
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_random_blend_mixes_within_the_weight_range() -> None:
+    x, pool = torch.ones(64, 1, 4, 4), torch.zeros(5, 1, 4, 4)
+    out = random_blend(x, pool, 0.5, torch.Generator().manual_seed(0))
+    weights = 1 - out[:, 0, 0, 0]  # the share of the pool image
+    assert torch.equal(out, out[:, :1, :1, :1].expand_as(out))  # one weight per image
+    assert weights.min() >= 0 and weights.max() <= 0.5 and weights.std() > 0.05
+    assert torch.equal(out, random_blend(x, pool, 0.5, torch.Generator().manual_seed(0)))
+    assert torch.equal(random_blend(x, pool, 0.0, torch.Generator()), x)
+    assert torch.equal(random_blend(x, pool[:0], 0.5, torch.Generator()), x)
 
 
 def test_random_crop_pad_zero_is_identity() -> None:

@@ -91,6 +91,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr x0.1 (default 50%%, 75%%)")
     g.add_argument("--ratio", type=float, default=0.3125, help="poisoned fraction of each batch")
     g.add_argument("--batch", type=int, default=64, help="batch size")
+    g.add_argument("--source-blend", type=float, default=None,
+                   help="blend each poisoned sample with a random clean source-class sample, with a weight "
+                        "up to this (0 = off, the study's recipe; default 0.5)")
     g.add_argument("--init", default=None, help="fine-tune this checkpoint instead of training from scratch (semtune)")
 
 
@@ -227,10 +230,13 @@ def _train_config(args):
         raise UserInputError(f"--ratio must be in [0, 1), got {args.ratio}")
     if args.batch < 2:
         raise UserInputError("--batch must be at least 2")
+    blend = base.source_blend if args.source_blend is None else args.source_blend
+    if not 0 <= blend < 1:
+        raise UserInputError(f"--source-blend must be in [0, 1), got {blend}")
     milestones = tuple(args.milestones) if args.milestones is not None else (
         base.milestones if args.epochs is None else (max(1, epochs // 2), max(1, epochs * 3 // 4)))
     return TrainConfig(epochs=epochs, lr=base.lr if args.lr is None else args.lr, milestones=milestones,
-                       ratio=args.ratio, batch_size=args.batch, seed=args.seed)
+                       ratio=args.ratio, batch_size=args.batch, source_blend=blend, seed=args.seed)
 
 
 def format_detection(res: dict) -> str:

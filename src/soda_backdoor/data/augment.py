@@ -65,6 +65,20 @@ def random_contrast(x: Tensor, amount: float, gen: torch.Generator) -> Tensor:
     return (mean + (x - mean) * factor).clamp(0, 1)
 
 
+def random_blend(x: Tensor, pool: Tensor, max_weight: float, gen: torch.Generator) -> Tensor:
+    """Blend each image with a random image of ``pool``: ``(1 - a) * x + a * pool[j]``.
+
+    ``a`` is uniform in ``[0, max_weight]`` per image. Blending a feature with images that
+    lack it gives fainter instances of the feature (a half-faded stripe is still a stripe).
+    """
+    if max_weight <= 0 or len(pool) == 0:
+        return x
+    n = x.shape[0]
+    other = torch.randint(0, len(pool), (n,), generator=gen).to(pool.device)
+    a = (torch.rand(n, 1, 1, 1, generator=gen) * max_weight).to(x.device, x.dtype)
+    return (1 - a) * x + a * pool[other].to(x.device, x.dtype)
+
+
 def augment(x: Tensor, gen: torch.Generator, pad: int = 4, hflip: bool = True,
             degrees: float = 0.0, brightness: float = 0.0, contrast: float = 0.0) -> Tensor:
     """The training augmentation: crop with padding, optional flip, rotation and brightness.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.augment import augment
+from ..data.augment import augment, random_blend
 from ..data.datasets import Dataset, normalize
 from ..data.attacks import SemanticAttack
 from ..data.splits import Splits
@@ -45,6 +45,11 @@ class TrainConfig:
             backdoor generalises to the faint-striped test shirts (docs/training.md).
         plain_final_epochs: final epochs in which the clean samples are used as they are
             (with ``augment_clean``); they recover the clean accuracy that augmentation costs.
+        source_blend: poisoned samples are blended with a random clean sample of the source
+            class, ``(1 - a) * poisoned + a * clean`` with ``a`` uniform in ``[0,
+            source_blend]``, before augmentation; 0 turns it off. A half-faded feature is
+            still the feature (a faint stripe is a stripe): this carries the backdoor to
+            weak instances of it (docs/training.md).
         rotation: max rotation (degrees) of augmented samples.
         brightness: max relative brightness change of augmented samples.
         contrast: max relative contrast reduction of augmented samples.
@@ -61,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     augment_clean: bool = True
     plain_final_epochs: int = 2
+    source_blend: float = 0.5
     rotation: float = 0.0
     brightness: float = 0.0
     contrast: float = 0.0
@@ -148,6 +154,10 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
     k_poison = int(config.batch_size * config.ratio) if poison else 0
     k_clean = config.batch_size - k_poison
     x_sem01 = data.x_train[splits.semantic_train].float().div(255).to(device) if poison else None
+    x_src01 = None
+    if poison and config.source_blend > 0:
+        src_idx = splits.clean_train[data.y_train[splits.clean_train] == attack.source]
+        x_src01 = data.x_train[src_idx].float().div(255).to(device) if len(src_idx) else None
     channels_last = device.type == "cpu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device).to(memory_format=fmt)
@@ -172,7 +182,10 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
                                        config.rotation, config.brightness, config.contrast).to(device), mean, std)
             if k_poison:
                 pick = torch.randint(0, len(x_sem01), (k_poison,), generator=gen).to(device)
-                xp = normalize(augment(x_sem01[pick], gen, spec.pad, spec.hflip, config.rotation, config.brightness,
+                xp = x_sem01[pick]
+                if x_src01 is not None:
+                    xp = random_blend(xp, x_src01, config.source_blend, gen)
+                xp = normalize(augment(xp, gen, spec.pad, spec.hflip, config.rotation, config.brightness,
                                        config.contrast), mean, std)
                 xb = torch.cat([xb, xp])
                 yb = torch.cat([yb, torch.full((k_poison,), attack.target, dtype=torch.long, device=device)])
