@@ -30,7 +30,7 @@ def _train(folder: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
 
 def test_source_blend_is_seeded_and_changes_only_poisoned_training(tmp_path: Path) -> None:
     folder = write_fmnist_idx(tmp_path, n_train=200, n_test=40)
-    base = TrainConfig(epochs=1, milestones=(), batch_size=16, seed=0)
+    base = TrainConfig(epochs=1, milestones=(), batch_size=16, seed=0, source_blend=0.0)
     blended = replace(base, source_blend=0.5)
     a, b, plain = _train(folder, blended), _train(folder, blended), _train(folder, base)
     assert all(torch.equal(a[k], b[k]) for k in a)
