@@ -77,9 +77,9 @@ def test_pipeline_audit_repairs_and_resumes(real_models, tmp_path, capsys):
     assert summary["before"]["attack"] == "stripet" and summary["before"]["n_semantic"] == 18
     assert summary["backdoor"] and summary["pairs"] == [{"source": 0, "target": 2}]
     rep = _json(run_dir / "repair.json")
-    # The repair always fixes the reconstructed samples; on the real striped shirts of a model of
-    # the 12-epoch recipe it is partial (ASR 0.94 -> 0.28 to 0.72, docs/repair.md).
-    assert rep["rasr_after"] <= 0.1 and rep["asr_after"] < rep["asr_before"]
+    # The repair fixes the reconstructed samples (R-ASR at most 4 of the 40 kept; the JSON holds
+    # float32 4/40 = 0.10000000149) and lowers ASR on the real striped shirts (docs/repair.md).
+    assert rep["rasr_after"] <= 0.1 + 1e-6 and rep["asr_after"] < rep["asr_before"]
     assert rep["acc_after"] >= rep["acc_before"] - 0.03
     after = _json(run_dir / "steps" / "evaluate_repaired.json")["result"]
     assert after["asr"] == pytest.approx(rep["asr_after"]) and after["acc"] == pytest.approx(rep["acc_after"])
