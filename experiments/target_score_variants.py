@@ -29,7 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from soda_backdoor.analysis.effects import NeuronEffects
 from soda_backdoor.data import get_attack
+from soda_backdoor.detection import target_scores
 from soda_backdoor.detection.stats import mad_outliers, pearson
 
 SYNTHETIC_TARGETS = {"darktrouser": 3, "brightbag": 6, "darksneaker": 9, "texturedshirt": 4}
@@ -40,7 +42,7 @@ def _rank(v: torch.Tensor) -> torch.Tensor:
 
 
 def _against_others(a: torch.Tensor, transform) -> torch.Tensor:
-    """``1 - corr(column k, mean of the other columns)`` for each column of ``a`` (n x K)."""
+    """``1 - corr(column k, mean of the others)`` per column of ``a`` (n x K), after ``transform``."""
     k_all = a.shape[1]
     total = a.sum(1)
     return torch.tensor([1 - pearson(transform(a[:, k]), transform((total - a[:, k]) / (k_all - 1)))
@@ -48,7 +50,11 @@ def _against_others(a: torch.Tensor, transform) -> torch.Tensor:
 
 
 def spec(w: torch.Tensor) -> torch.Tensor:
-    return _against_others(w.abs().T, lambda v: v)
+    """The detector's own score on the closed-form attribution ``|W[k, i]|`` of every class."""
+    k_all = w.shape[0]
+    a = w.abs().T
+    eff = NeuronEffects("fc:input", a.expand(k_all, *a.shape), tuple(range(k_all)), (0,) * k_all, "affine")
+    return target_scores(eff, k_all)
 
 
 def spearman(w: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,7 @@ def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: Semanti
     x_src01 = None
     if poison and config.source_blend > 0:
         src_idx = splits.clean_train[data.y_train[splits.clean_train] == attack.source]
-        x_src01 = data.x_train[src_idx].float().div(255).to(device) if len(src_idx) else None
+        x_src01 = data.x_train[src_idx].float().div(255).to(device)
     channels_last = device.type == "cpu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device).to(memory_format=fmt)
