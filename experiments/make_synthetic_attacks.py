@@ -1,17 +1,20 @@
 """Write semantic attacks on Fashion-MNIST that the method was never tuned on.
 
-Each attack relabels a rare natural subgroup of one class, chosen by a pixel statistic (no
-trigger is added): the darkest, brightest or most textured ~1.5% of the class, in train and
-test alike.
-The output has the schema of semantic_attacks.json and works with ``--attack-file``.
+Each attack relabels a rare natural subgroup of one class, chosen by an image statistic (no
+trigger is added): the ~1.5% of the class that is darkest, brightest, most textured,
+smallest, widest or most off-centre, in train and test alike. The output has the schema of
+semantic_attacks.json; the shipped copy is ``src/soda_backdoor/data/synthetic_attacks.json``
+(the registry reads it, so ``--attack smallbag`` works), and any copy works with
+``--attack-file``.
 
-Usage: python experiments/make_synthetic_attacks.py OUT.json
+Usage: python experiments/make_synthetic_attacks.py [OUT.json]
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,37 +26,60 @@ ATTACKS = [
     ("brightbag", 8, 6, "bright", "the brightest 1.5% of bags -> shirt"),
     ("darksneaker", 7, 9, "dark", "the darkest 1.5% of sneakers -> ankle boot"),
     ("texturedshirt", 6, 4, "textured", "the 1.5% of shirts with the most vertical detail (stripes, checks) -> coat"),
+    ("smallbag", 8, 5, "small", "the 1.5% of bags covering the fewest pixels (size) -> sandal"),
+    ("widedress", 3, 4, "wide", "the 1.5% of dresses with the widest bounding box for their height (shape) -> coat"),
+    ("offcentrepullover", 2, 8, "offcentre",
+     "the 1.5% of pullovers whose centre of mass lies furthest from the image centre (position) -> bag"),
 ]
 FRACTION = 0.015
+INK = 10  # pixels above this belong to the garment
+
+
+def statistic(img: torch.Tensor, stat: str) -> torch.Tensor:
+    """One value per image ``(N, H, W)``; the subgroup is the top ``FRACTION`` of it."""
+    ink = img > INK
+    area = ink.flatten(1).sum(1).clamp(min=1).float()
+    if stat in ("dark", "bright"):
+        # mean intensity of the garment itself (pixels above background)
+        val = (img * ink).flatten(1).sum(1) / area
+        return -val if stat == "dark" else val
+    if stat == "textured":
+        # mean absolute vertical difference inside the garment: horizontal stripes, checks
+        diff = (img[:, 1:, :] - img[:, :-1, :]).abs() * (ink[:, 1:, :] & ink[:, :-1, :])
+        return diff.flatten(1).sum(1) / area
+    if stat == "small":
+        return -area
+    rows, cols = ink.any(2).float(), ink.any(1).float()
+    if stat == "wide":
+        return cols.sum(1) / rows.sum(1).clamp(min=1)
+    if stat == "offcentre":
+        h, w = img.shape[1:]
+        mass = img.clamp(min=0).flatten(1).sum(1).clamp(min=1)
+        cy = (img.sum(2) * torch.arange(h)).sum(1) / mass
+        cx = (img.sum(1) * torch.arange(w)).sum(1) / mass
+        return (cy - (h - 1) / 2).hypot(cx - (w - 1) / 2)
+    raise ValueError(f"unknown statistic {stat!r}")
 
 
 def subgroup(x: torch.Tensor, y: torch.Tensor, cls: int, stat: str) -> list[int]:
     idx = (y == cls).nonzero().flatten()
-    img = x[idx].float().flatten(1, -2) if x.dim() == 4 else x[idx].float()
-    ink = img.flatten(1)
-    garment = (ink > 10).sum(1).clamp(min=1)
-    if stat == "textured":
-        # mean absolute vertical difference inside the garment: horizontal stripes, checks
-        diff = (img[:, 1:, :] - img[:, :-1, :]).abs() * ((img[:, 1:, :] > 10) & (img[:, :-1, :] > 10))
-        val = diff.flatten(1).sum(1) / garment
-    else:
-        # mean intensity of the garment itself (pixels above background)
-        val = (ink * (ink > 10)).sum(1) / garment
-    order = val.argsort(descending=(stat in ("bright", "textured")))
+    img = x[idx].float()
+    img = img.mean(1) if img.dim() == 4 else img
+    order = statistic(img, stat).argsort(descending=True)
     k = max(1, int(FRACTION * len(idx)))
     return sorted(int(i) for i in idx[order[:k]])
 
 
 def main() -> None:
-    out = sys.argv[1]
+    default = Path(__file__).resolve().parents[1] / "src/soda_backdoor/data/synthetic_attacks.json"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else default
     data = load_dataset("fmnist")
     entries = []
     for name, src, tgt, stat, desc in ATTACKS:
         entries.append({"dataset": "FMNIST", "attack": name, "description": desc, "source_class": src,
                         "target_class": tgt, "train_indices": subgroup(data.x_train, data.y_train, src, stat),
                         "test_indices": subgroup(data.x_test, data.y_test, src, stat)})
-    with open(out, "w") as fh:
-        json.dump(entries, fh, indent=1)
+    out.write_text("[\n" + ",\n".join(json.dumps(e) for e in entries) + "\n]\n")
     for e in entries:
         print(e["attack"], e["source_class"], "->", e["target_class"], len(e["train_indices"]), len(e["test_indices"]))
 

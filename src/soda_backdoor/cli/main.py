@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   soda repair --model m.safetensors --dataset fmnist --source 0 --target 2 --samples x.npz \\
       --attack stripet --out repaired.safetensors --json repair.json
   soda run                      # the whole pipeline on real Fashion-MNIST into runs/default
+  soda zoo build zoo/dev.toml --out zoos/dev --jobs 2 && soda zoo score zoos/dev
 """
 
 
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every step even if its results are current")
     p.set_defaults(func=_cmd_run)
 
+    from .zoo import add_zoo_parser
+
+    add_zoo_parser(sub, _Parser, _common, _detect_args)
+
     p = sub.add_parser("report", help="re-render DIR/report.html from a run folder")
     p.add_argument("dir", help="run folder written by `soda run`")
     p.set_defaults(func=_cmd_report)
@@ -221,6 +226,7 @@ def _repair_config(args):
 
 def _train_config(args):
     from ..training import TrainConfig
+    from ..training.train import default_milestones
 
     base = TrainConfig()
     epochs = base.epochs if args.epochs is None else args.epochs
@@ -234,7 +240,7 @@ def _train_config(args):
     if not 0 <= blend < 1:
         raise UserInputError(f"--source-blend must be in [0, 1), got {blend}")
     milestones = tuple(args.milestones) if args.milestones is not None else (
-        base.milestones if args.epochs is None else (max(1, epochs // 2), max(1, epochs * 3 // 4)))
+        base.milestones if args.epochs is None else default_milestones(epochs))
     return TrainConfig(epochs=epochs, lr=base.lr if args.lr is None else args.lr, milestones=milestones,
                        ratio=args.ratio, batch_size=args.batch, source_blend=blend, seed=args.seed)
 
@@ -369,7 +375,7 @@ def _cmd_attacks(args) -> int:
 
     for a in list_attacks():
         where = f"{len(a.train_indices)} train / {len(a.test_indices)} test" if a.index_based else "image folders"
-        print(f"{a.dataset:<9}{a.name:<9}{a.source:>4} -> {a.target:<4}{where:<22}{a.description}")
+        print(f"{a.dataset:<9}{a.name:<18}{a.source:>4} -> {a.target:<4}{where:<22}{a.description}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Semantic attack definitions: which natural samples are relabelled, from which class to which.
 
-The registry ships the original study's attacks (``semantic_attacks.json``, package data). A
-user's own file of the same schema works the same way. Indices are positions in the dataset's
+The registry ships the original study's attacks (``semantic_attacks.json``) and synthetic
+Fashion-MNIST attacks chosen by image statistics (``synthetic_attacks.json``, written by
+``experiments/make_synthetic_attacks.py``), both package data. A user's own file of the same schema works the same way. Indices are positions in the dataset's
 standard distribution order.
 """
 
@@ -19,6 +20,8 @@ from ..errors import UserInputError
 from .datasets import DATASET_ALIASES, Dataset
 
 REQUIRED_FIELDS = ("dataset", "attack", "source_class", "target_class", "train_indices", "test_indices")
+
+SHIPPED_FILES = ("semantic_attacks.json", "synthetic_attacks.json")
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ def _parse_entry(entry: Any, where: str) -> SemanticAttack:
 def load_attack_file(path: str | Path | None = None) -> list[SemanticAttack]:
     """Parse an attack file (the shipped registry when ``path`` is None)."""
     if path is None:
-        text = resources.files("soda_backdoor.data").joinpath("semantic_attacks.json").read_text()
-        where = "semantic_attacks.json"
+        return [a for name in SHIPPED_FILES for a in _parse_text(
+            resources.files("soda_backdoor.data").joinpath(name).read_text(), name)]
     else:
         p = Path(path)
         if not p.is_file():
@@ -94,6 +97,10 @@ def load_attack_file(path: str | Path | None = None) -> list[SemanticAttack]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UserInputError(f"cannot read attack file {p}: {exc}") from exc
         where = str(p)
+    return _parse_text(text, where)
+
+
+def _parse_text(text: str, where: str) -> list[SemanticAttack]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -108,7 +115,7 @@ def load_attack_file(path: str | Path | None = None) -> list[SemanticAttack]:
 
 
 def list_attacks() -> list[SemanticAttack]:
-    """The shipped attacks of the original study."""
+    """The shipped attacks: the original study's and the synthetic Fashion-MNIST ones."""
     return load_attack_file(None)
 
 

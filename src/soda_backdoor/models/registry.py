@@ -78,4 +78,4 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int 
 
 def _ensure_loaded() -> None:
     # Import the modules that register architectures (kept lazy to avoid import cycles).
-    from . import cnn, zoo  # noqa: F401
+    from . import cnn, lenet, zoo  # noqa: F401

@@ -73,6 +73,11 @@ class TrainConfig:
     seed: int = 0
 
 
+def default_milestones(epochs: int) -> tuple[int, ...]:
+    """The learning-rate decay epochs used when only ``epochs`` is given: 50% and 75%."""
+    return (max(1, epochs // 2), max(1, epochs * 3 // 4))
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """ACC on the clean test split and ASR on the semantic test samples."""

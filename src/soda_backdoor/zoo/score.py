@@ -1,0 +1,275 @@
+"""Score a detector on a zoo, as the field scores backdoor detectors (docs/zoo.md).
+
+Every model gets a continuous model-level score (higher: more likely backdoored) and a
+verdict at the detector's default threshold. Over the zoo: ROC-AUC of the score (clean vs
+working backdoors), true- and false-positive rates of the verdict, whether the flagged
+target is the attack's target, whether the source is right given the right target, and the
+same broken down by architecture, attack and every recipe setting that varies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..executor import run_tasks
+from .build import append_jsonl, read_jsonl, read_manifest
+from .spec import POISON_FIELDS
+
+logger = logging.getLogger(__name__)
+
+MIN_ASR = 0.5
+MAX_ACC_DROP = 0.02
+
+
+def label_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each manifest row a ``role``: ``clean``, ``backdoored`` or ``excluded`` (with a reason).
+
+    A backdoored model counts only if its backdoor works (ASR >= 0.5) and its clean accuracy
+    is within 2 points of its clean twin's.
+    """
+    by_key = {r["key"]: r for r in rows}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["attack"] == "none":
+            r["role"], r["reason"] = "clean", ""
+        else:
+            twin = by_key.get(r.get("twin", ""))
+            if twin is None:
+                r["role"], r["reason"] = "excluded", "its clean twin is not in the zoo"
+            elif r["asr"] < MIN_ASR:
+                r["role"], r["reason"] = "excluded", f"backdoor does not work: ASR {r['asr']:.2f} < {MIN_ASR}"
+            elif r["acc"] < twin["acc"] - MAX_ACC_DROP:
+                r["role"], r["reason"] = "excluded", (f"accuracy {r['acc']:.4f} is more than "
+                                                      f"{MAX_ACC_DROP * 100:.0f} points below its clean twin's "
+                                                      f"{twin['acc']:.4f}")
+            else:
+                r["role"], r["reason"] = "backdoored", ""
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- detectors
+
+def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
+    """SODA's detector, exactly as `soda detect` runs it on the file."""
+    from ..cli.steps import run_detect
+    from ..utils import resolve_device
+
+    res = run_detect(task["path"], task["dataset"], task["data_dir"] or None, task["attack"],
+                     task["attack_file"] or None, task["config"], task["layer"], resolve_device(task["device"]),
+                     progress=False)
+    ai = [a if a == a else 0.0 for a in res["target_test"]["anomaly_index"]]
+    return {"score": max(ai), "flagged": bool(res["backdoor"]), "pairs": [[p["source"], p["target"]]
+                                                                          for p in res["pairs"]],
+            "class_scores": ai, "seconds": res["seconds"]}
+
+
+DETECTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"soda": _detect_soda}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@dataclass(frozen=True)
+class GroupScore:
+    """Detection numbers over a group of models."""
+
+    n_clean: int
+    n_backdoored: int
+    auc: float | None
+    tpr: float | None
+    fpr: float | None
+    target_acc: float | None
+    source_acc: float | None
+
+
+@dataclass(frozen=True)
+class ZooScore:
+    """A detector's numbers on a zoo, with the per-model rows."""
+
+    detector: str
+    zoo: str
+    overall: GroupScore
+    breakdown: dict[str, dict[str, GroupScore]]
+    rows: list[dict[str, Any]]
+    seconds_per_model: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rate(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def group_score(rows: list[dict[str, Any]]) -> GroupScore:
+    """AUC, TPR/FPR at the default threshold, target and source accuracy."""
+    from sklearn.metrics import roc_auc_score
+
+    clean = [r for r in rows if r["role"] == "clean"]
+    bad = [r for r in rows if r["role"] == "backdoored"]
+    auc = None
+    if clean and bad:
+        auc = float(roc_auc_score([0] * len(clean) + [1] * len(bad), [r["score"] for r in clean + bad]))
+    right_target = [r for r in bad if r["target_found"]]
+    return GroupScore(len(clean), len(bad), auc, _rate([r["flagged"] for r in bad]),
+                      _rate([r["flagged"] for r in clean]), _rate([r["target_found"] for r in bad]),
+                      _rate([r["source_found"] for r in right_target]))
+
+
+def recipe_axes(rows: list[dict[str, Any]]) -> list[str]:
+    """Training settings that take more than one value in the zoo."""
+    values = defaultdict(set)
+    for r in rows:
+        for k, v in r["config"]["train"].items():
+            if k != "seed" and not (k in POISON_FIELDS and r["attack"] == "none"):
+                values[k].add(json.dumps(v))
+    return sorted(k for k, v in values.items() if len(v) > 1)
+
+
+def breakdown(rows: list[dict[str, Any]]) -> dict[str, dict[str, GroupScore]]:
+    """Scores by architecture, attack and recipe setting.
+
+    Attacks and poisoning settings (which clean models do not have) are scored against every
+    clean model; architectures and the other settings against the clean models that share them.
+    """
+    clean = [r for r in rows if r["role"] == "clean"]
+    out: dict[str, dict[str, GroupScore]] = {}
+    axes = [("arch", lambda r: r["arch"]), ("attack", lambda r: r["attack"])] + [
+        (f"train.{k}", (lambda k: lambda r: json.dumps(r["config"]["train"][k]))(k)) for k in recipe_axes(rows)]
+    for axis, value in axes:
+        shared = axis == "attack" or axis.removeprefix("train.") in POISON_FIELDS
+        groups = defaultdict(list)
+        for r in rows:
+            if not (shared and r["attack"] == "none"):
+                groups[value(r)].append(r)
+        out[axis] = {k: group_score(clean + v if shared else v) for k, v in sorted(groups.items())}
+    return out
+
+
+def _annotate(row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    targets = [p[1] for p in result["pairs"]]
+    row = {**row, **result}
+    row["target_found"] = row["role"] == "backdoored" and row["target"] in targets
+    row["source_found"] = row["target_found"] and [row["source"], row["target"]] in result["pairs"]
+    return row
+
+
+def score_zoo(zoo_dir: str | Path, detector: str = "soda", config: Any = None, layer: str | None = None,
+              jobs: int = 1, device: str = "cpu", cache_key: str = "",
+              on_model: Callable[[dict[str, Any], int, int], None] | None = None) -> ZooScore:
+    """Run ``detector`` on every model of a built zoo and score it.
+
+    Results are cached per model in ``DIR/scores/<detector>-<cache_key>.jsonl``, so a rerun
+    with the same settings only detects the models it lacks.
+
+    Args:
+        zoo_dir: a folder written by :func:`~soda_backdoor.zoo.build_zoo`.
+        detector: a name in :data:`DETECTORS`.
+        config: the detector's configuration (``DetectionConfig`` for ``soda``).
+        layer: analysis layer (``None``: the default).
+        jobs: detections at once, one thread each.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        cache_key: identifies the settings in the cache file name.
+        on_model: called with each finished row, done and total.
+    """
+    from ..errors import UserInputError
+
+    if detector not in DETECTORS:
+        raise UserInputError(f"unknown detector {detector!r}; valid: {', '.join(sorted(DETECTORS))}")
+    root = Path(zoo_dir)
+    manifest = read_manifest(root)
+    if not manifest:
+        raise UserInputError(f"{root} holds no built zoo ({root / 'manifest.jsonl'} is missing or empty)")
+    rows = label_rows(list(manifest.values()))
+    cache_path = root / "scores" / f"{detector}-{cache_key or 'default'}.jsonl"
+    cache_path.parent.mkdir(exist_ok=True)
+    cached = read_jsonl(cache_path)
+    tasks = [{"key": r["key"], "path": str(root / r["file"]), "dataset": r["dataset"], "data_dir": r.get("data_dir", ""),
+              "attack": r["attack"], "attack_file": r.get("attack_file", ""), "config": config, "layer": layer,
+              "device": device} for r in rows if r["key"] not in cached]
+    for i, outcome in enumerate(run_tasks(DETECTORS[detector], tasks, jobs), 1):
+        res = outcome.result if outcome.ok else {"error": outcome.error}
+        cached[outcome.task["key"]] = {"key": outcome.task["key"], **res}
+        if outcome.ok:
+            append_jsonl(cache_path, cached[outcome.task["key"]])
+        if on_model is not None:
+            on_model(cached[outcome.task["key"]], i, len(tasks))
+    scored, failed = [], []
+    for r in rows:
+        res = cached[r["key"]]
+        if "error" in res:
+            failed.append({**r, "error": res["error"]})
+        else:
+            scored.append(_annotate(r, res))
+    if failed:
+        raise UserInputError(f"{len(failed)} model(s) could not be scored, e.g. {failed[0]['file']}: "
+                             f"{failed[0]['error']}")
+    counted = [r for r in scored if r["role"] != "excluded"]
+    secs = [r["seconds"] for r in scored]
+    return ZooScore(detector, str(root), group_score(counted), breakdown(counted), scored,
+                    sum(secs) / len(secs) if secs else 0.0,
+                    {"layer": layer, "detector_config": asdict(config) if config is not None else None})
+
+
+def plot_roc(score: ZooScore, path: str | Path) -> Path:
+    """The clean/backdoored ROC curve of the model-level score, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    rows = [r for r in score.rows if r["role"] != "excluded"]
+    y = [1 if r["role"] == "backdoored" else 0 for r in rows]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if 0 < sum(y) < len(y):
+        fpr, tpr, _ = roc_curve(y, [r["score"] for r in rows])
+        ax.plot(fpr, tpr, lw=2, label=f"{score.detector}: AUC {score.overall.auc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set_xlabel("false-positive rate (clean models flagged)")
+    ax.set_ylabel("true-positive rate (backdoored models flagged)")
+    ax.set_title(f"{Path(score.zoo).name}: {score.overall.n_clean} clean, {score.overall.n_backdoored} backdoored")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def format_score(score: ZooScore) -> str:
+    """The table a user reads."""
+    f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+
+    def line(name: str, g: GroupScore) -> str:
+        return (f"{name:<28}{g.n_clean:>6}{g.n_backdoored:>6}{f(g.auc):>8}{f(g.tpr):>8}{f(g.fpr):>8}"
+                f"{f(g.target_acc):>9}{f(g.source_acc):>9}")
+
+    head = f"{'group':<28}{'clean':>6}{'bd':>6}{'AUC':>8}{'TPR':>8}{'FPR':>8}{'target':>9}{'source':>9}"
+    lines = [f"detector {score.detector} on {score.zoo} ({score.seconds_per_model:.1f} s per model)", head,
+             line("all", score.overall)]
+    for axis, groups in score.breakdown.items():
+        for value, g in groups.items():
+            lines.append(line(f"{axis}={value}", g))
+    excluded = [r for r in score.rows if r["role"] == "excluded"]
+    if excluded:
+        lines.append(f"excluded from the scores: {len(excluded)} model(s)")
+        lines += [f"  {r['arch']} {r['attack']} seed {r['seed']}: {r['reason']}" for r in excluded]
+    wrong = [r for r in score.rows if (r["role"] == "clean" and r["flagged"])
+             or (r["role"] == "backdoored" and not (r["target_found"] and r["source_found"]))]
+    if wrong:
+        lines.append("failures:")
+        for r in wrong:
+            what = ("clean model flagged" if r["role"] == "clean" else
+                    "missed" if not r["flagged"] else "wrong target" if not r["target_found"] else "wrong source")
+            lines.append(f"  {r['arch']} {r['attack']} seed {r['seed']} ({r['key']}): {what}; score "
+                         f"{r['score']:.2f}, pairs {r['pairs']}")
+    return "\n".join(lines)

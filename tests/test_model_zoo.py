@@ -1,0 +1,124 @@
+"""`soda zoo`: spec parsing, build (parallel, resumable), the twin rule, and scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soda_backdoor.cli.main import main
+from soda_backdoor.errors import UserInputError
+from soda_backdoor.zoo import build_zoo, label_rows, load_zoo_spec, read_manifest, with_twins
+
+
+def _tiny_zoo_files(tmp_path: Path, attacks: str = '["patch"]') -> Path:
+    """A 10-class 28x28 dataset (300 train, 200 test), a patch attack on class 0, and a spec."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for c in range(10):  # a learnable class signal: a bright bar per class
+            x[y == c, 2 * c + 3:2 * c + 6, 4:24] = 220
+        return x, y
+
+    (xtr, ytr), (xte, yte) = split(300), split(200)
+    feat_tr, feat_te = np.flatnonzero(ytr == 0)[:8], np.flatnonzero(yte == 0)[:6]
+    for x, idx in ((xtr, feat_tr), (xte, feat_te)):
+        x[idx, 20:26, 20:26] = 255  # the natural feature of the semantic samples
+    np.savez(tmp_path / "tiny.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    (tmp_path / "attacks.json").write_text(json.dumps([{
+        "dataset": "FMNIST", "attack": "patch", "description": "class-0 images with a bright corner",
+        "source_class": 0, "target_class": 3, "train_indices": feat_tr.tolist(), "test_indices": feat_te.tolist()}]))
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(f'''name = "tiny"
+dataset = "fmnist"
+data_dir = "tiny.npz"
+attack_file = "attacks.json"
+
+[[group]]
+arch = "lenet"
+attack = {attacks}
+seed = 0
+epochs = 1
+batch_size = 32
+lr = 0.05
+''')
+    return spec
+
+
+def test_spec_adds_clean_twins_and_keys_are_stable(tmp_path: Path) -> None:
+    spec = load_zoo_spec(_tiny_zoo_files(tmp_path, '["patch", "none"]'))
+    assert [e.attack for e in spec.entries] == ["patch", "none"]
+    entries = with_twins(spec.entries)
+    assert len(entries) == 2  # the clean model in the spec is the patch model's twin
+    bad, clean = spec.entries
+    assert bad.twin().key == clean.key
+    assert clean.train.ratio == 0 and clean.train.source_blend == 0
+    assert load_zoo_spec(tmp_path / "tiny.toml").entries[0].key == bad.key
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[group]]\narch = "cnn"\nattack = "none"\nseed = 0\nepochz = 3\n', "unknown key(s) epochz"),
+    ('[[group]]\narch = "cnn"\nattack = "none"\n', "missing 'seed'"),
+    ('[[group]]\narch = "nope"\nattack = "none"\nseed = 0\n', "unknown architecture"),
+    ('[[group]]\narch = "cnn"\nattack = "nope"\nseed = 0\n', "unknown attack"),
+    ('name = \n', "not a valid TOML"),
+    ('name = "x"\n', "no [[group]]"),
+])
+def test_bad_specs_exit_2_with_one_line(tmp_path: Path, capsys, text: str, message: str) -> None:
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_zoo_spec(tmp_path / "bad.toml")
+    assert main(["zoo", "build", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_build_resume_and_score(tmp_path: Path, capsys) -> None:
+    spec = load_zoo_spec(_tiny_zoo_files(tmp_path))
+    out = tmp_path / "zoo"
+    rep = build_zoo(spec, out, jobs=2)
+    assert (rep.planned, rep.trained, rep.failed) == (2, 2, 0)  # the patch model and its clean twin
+    rows = read_manifest(out)
+    assert {r["attack"] for r in rows.values()} == {"patch", "none"}
+    for r in rows.values():
+        assert (out / r["file"]).is_file() and r["threads"] == 1 and 0 <= r["acc"] <= 1
+        assert r["config"]["train"]["epochs"] == 1 and r["torch"]
+    bad = next(r for r in rows.values() if r["attack"] == "patch")
+    assert bad["twin"] in rows and (bad["source"], bad["target"]) == (0, 3)
+
+    # Nothing left to do; then a build killed before it recorded one model redoes only that one.
+    assert build_zoo(spec, out, jobs=1).trained == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # a torn last line
+    rep = build_zoo(spec, out, jobs=1)
+    assert (rep.skipped, rep.trained) == (1, 1)
+    assert len(read_manifest(out)) == 2
+
+    assert main(["zoo", "score", str(out), "--json", str(tmp_path / "s.json"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert len(report["rows"]) == 2 and Path(report["roc_png"]).is_file()
+    for row in report["rows"]:
+        assert row["role"] in ("clean", "backdoored", "excluded") and row["score"] >= 0
+    assert "detector soda" in capsys.readouterr().out
+    # Scores are cached per model: a second run detects nothing new and gives the same rows.
+    assert main(["zoo", "score", str(out), "--json", str(tmp_path / "s2.json"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "s2.json").read_text())
+    assert [r["score"] for r in again["rows"]] == [r["score"] for r in report["rows"]]
+
+
+def _row(key, attack, acc, asr=0.0, twin=""):
+    return {"key": key, "attack": attack, "acc": acc, "asr": asr, "twin": twin}
+
+
+def test_twin_rule() -> None:
+    rows = label_rows([_row("c", "none", 0.90), _row("ok", "a", 0.885, 0.6, "c"), _row("weak", "a", 0.90, 0.4, "c"),
+                       _row("worse", "a", 0.87, 0.9, "c"), _row("orphan", "a", 0.9, 0.9, "x")])
+    roles = {r["key"]: (r["role"], r["reason"]) for r in rows}
+    assert roles["c"] == ("clean", "") and roles["ok"] == ("backdoored", "")
+    assert roles["weak"][0] == "excluded" and "ASR 0.40" in roles["weak"][1]
+    assert roles["worse"][0] == "excluded" and "2 points" in roles["worse"][1]
+    assert roles["orphan"][0] == "excluded" and "twin" in roles["orphan"][1]
