@@ -16,5 +16,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch is pinned to the CPU wheel that lies on this disk; an unpinned torch pulls a CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-.venv/bin/python -c "import soda_backdoor, pytest, hypothesis" 2>/dev/null || .venv/bin/pip install -q -e '.[test]'
+.venv/bin/python -c "import soda_backdoor, sklearn, pytest, hypothesis" 2>/dev/null || .venv/bin/pip install -q -e '.[test]'
 echo "setup done: .venv/bin/soda is ready" >&2

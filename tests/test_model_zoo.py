@@ -97,6 +97,7 @@ def test_build_resume_and_score(tmp_path: Path, capsys) -> None:
     rep = build_zoo(spec, out, jobs=1)
     assert (rep.skipped, rep.trained) == (1, 1)
     assert len(read_manifest(out)) == 2
+    assert "" not in (out / "manifest.jsonl").read_text().splitlines()[1:]  # one row per line, none empty
 
     assert main(["zoo", "score", str(out), "--json", str(tmp_path / "s.json"), "--quiet"]) == 0
     report = json.loads((tmp_path / "s.json").read_text())

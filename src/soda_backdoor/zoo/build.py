@@ -66,7 +66,10 @@ def read_manifest(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Append one line and flush it to disk (after a torn last line, on a line of its own)."""
     with open(path, "a+b") as fh:
-        torn = fh.tell() > 0 and (fh.seek(-1, os.SEEK_END) or fh.read(1)) != b"\n"
+        torn = False
+        if fh.seek(0, os.SEEK_END) > 0:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
         fh.write(("\n" if torn else "").encode() + (json.dumps(row, sort_keys=True) + "\n").encode())
         fh.flush()
         os.fsync(fh.fileno())
