@@ -302,16 +302,15 @@ def detect_neural_cleanse(model: nn.Module, class_inputs: dict[int, Tensor], num
     t0 = time.perf_counter()
     if num_classes < 2:
         raise UserInputError(f"num_classes must be >= 2, got {num_classes}")
-    pools = [class_inputs[c][:config.num_samples_per_class] for c in sorted(class_inputs)]
-    pools = [p for p in pools if len(p)]
+    pools = {c: class_inputs[c][:config.num_samples_per_class] for c in sorted(class_inputs)}
+    pools = {c: p for c, p in pools.items() if len(p)}
     if not pools:
         raise UserInputError("class_inputs holds no samples")
-    shapes = {tuple(p.shape[1:]) for p in pools}
+    shapes = {tuple(p.shape[1:]) for p in pools.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise UserInputError(f"class_inputs must hold image batches (N, C, H, W) of one shape; got {sorted(shapes)}")
-    x_pool = torch.cat(pools)
-    labels_pool = torch.cat([torch.full((len(class_inputs[c][:config.num_samples_per_class]),), c)
-                             for c in sorted(class_inputs) if len(class_inputs[c][:config.num_samples_per_class])])
+    x_pool = torch.cat(list(pools.values()))
+    labels_pool = torch.cat([torch.full((len(p),), c) for c, p in pools.items()])
     lo, hi = _bounds(input_range, mean, std, x_pool.shape[1], x_pool.device)
     gen = torch.Generator().manual_seed(config.seed)
     per_class = []

@@ -403,12 +403,17 @@ def _batch_statistics(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 @contextmanager
 def _capture_live(model: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str, Tensor]]:
-    """Keep the latest (non-detached) output of each named module in the yielded dict."""
+    """Keep the latest output of each named module in the yielded dict, in the graph.
+
+    A copy (``clone`` keeps the gradient path): a following in-place module such as
+    ``ReLU(inplace=True)`` would otherwise change what was stored, and the distilled map would
+    then depend on how the model writes its activations.
+    """
     store: dict[str, Tensor] = {}
     with ExitStack() as stack:
         for name in names:
             def keep(h: Tensor, name: str = name) -> None:
-                store[name] = h
+                store[name] = h.clone()
             stack.enter_context(intervene(model, LayerRef(name), keep))
         yield store
 
