@@ -110,6 +110,12 @@ def test_build_resume_and_score(tmp_path: Path, capsys) -> None:
     again = json.loads((tmp_path / "s2.json").read_text())
     assert [r["score"] for r in again["rows"]] == [r["score"] for r in report["rows"]]
 
+    # The Neural Cleanse baseline through the same command: it names targets, never sources.
+    assert main(["zoo", "score", str(out), "--detector", "nc", "--json", str(tmp_path / "nc.json"), "--quiet"]) == 0
+    nc = json.loads((tmp_path / "nc.json").read_text())
+    assert nc["detector"] == "nc" and len(nc["rows"]) == 2 and Path(nc["roc_png"]).name == "roc-nc.png"
+    assert all(r["source_found"] in (None, False) for r in nc["rows"]) and nc["overall"]["source_acc"] is None
+
 
 def _row(key, attack, acc, asr=0.0, twin=""):
     return {"key": key, "attack": attack, "acc": acc, "asr": asr, "twin": twin}

@@ -28,7 +28,8 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     b.set_defaults(func=_cmd_zoo_build)
     s = verbs.add_parser("score", help="run a detector on every model of a built zoo and score it")
     s.add_argument("dir", help="a folder written by `soda zoo build`")
-    s.add_argument("--detector", default="soda", help="detector to score (default soda)")
+    s.add_argument("--detector", default="soda", choices=["soda", "nc"],
+                   help="detector to score: soda (default), or nc (Neural Cleanse, the trigger-inversion baseline)")
     s.add_argument("--jobs", type=int, default=1, help="detections at once, one thread each (default 1)")
     s.add_argument("--roc", default=None, help="ROC curve PNG (default DIR/roc-<detector>.png)")
     common(s, data=False)
@@ -76,7 +77,12 @@ def _cmd_zoo_score(args) -> int:
     from .main import _detection_config
 
     _check_jobs(args.jobs)
-    config = _detection_config(args)
+    if args.detector == "nc":
+        from ..detection import NeuralCleanseConfig
+
+        config = NeuralCleanseConfig(seed=args.seed)
+    else:
+        config = _detection_config(args)
     key = hashlib.sha256(json.dumps([asdict(config), args.layer], sort_keys=True).encode()).hexdigest()[:12]
 
     def progress(row, done, total):

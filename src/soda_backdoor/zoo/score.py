@@ -72,7 +72,29 @@ def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
             "class_scores": ai, "seconds": res["seconds"]}
 
 
-DETECTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"soda": _detect_soda}
+def _detect_nc(task: dict[str, Any]) -> dict[str, Any]:
+    """Neural Cleanse (trigger reverse engineering, MAD over mask norms) on the same clean data."""
+    import time
+
+    from ..cli.steps import class_inputs, load_context, open_model
+    from ..detection import NeuralCleanseConfig, detect_neural_cleanse
+    from ..utils import resolve_device, seed_everything
+
+    start = time.perf_counter()
+    config = task["config"] or NeuralCleanseConfig()
+    seed_everything(config.seed)
+    device = resolve_device(task["device"])
+    ctx = load_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
+    loaded = open_model(task["path"], ctx, device)
+    inputs = class_inputs(ctx, loaded.meta, config.num_samples_per_class, device)
+    res = detect_neural_cleanse(loaded.module, inputs, ctx.data.num_classes, config, mean=loaded.meta.mean,
+                                std=loaded.meta.std)
+    ai = [a if a == a else 0.0 for a in res.anomaly_index]
+    return {"score": float(res.score), "flagged": bool(res.backdoor), "pairs": [[None, int(t)] for t in res.flagged],
+            "class_scores": ai, "seconds": time.perf_counter() - start}
+
+
+DETECTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"soda": _detect_soda, "nc": _detect_nc}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -119,7 +141,7 @@ def group_score(rows: list[dict[str, Any]]) -> GroupScore:
     auc = None
     if clean and bad:
         auc = float(roc_auc_score([0] * len(clean) + [1] * len(bad), [r["score"] for r in clean + bad]))
-    right_target = [r for r in bad if r["target_found"]]
+    right_target = [r for r in bad if r["target_found"] and r["source_found"] is not None]
     return GroupScore(len(clean), len(bad), auc, _rate([r["flagged"] for r in bad]),
                       _rate([r["flagged"] for r in clean]), _rate([r["target_found"] for r in bad]),
                       _rate([r["source_found"] for r in right_target]))
@@ -159,7 +181,10 @@ def _annotate(row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     targets = [p[1] for p in result["pairs"]]
     row = {**row, **result}
     row["target_found"] = row["role"] == "backdoored" and row["target"] in targets
-    row["source_found"] = row["target_found"] and [row["source"], row["target"]] in result["pairs"]
+    sources = [p[0] for p in result["pairs"] if p[1] == row["target"]]
+    # A detector that names no source (Neural Cleanse) leaves source accuracy undefined.
+    row["source_found"] = (None if sources and all(s is None for s in sources)
+                           else row["target_found"] and row["source"] in sources)
     return row
 
 
@@ -264,7 +289,7 @@ def format_score(score: ZooScore) -> str:
         lines.append(f"excluded from the scores: {len(excluded)} model(s)")
         lines += [f"  {r['arch']} {r['attack']} seed {r['seed']}: {r['reason']}" for r in excluded]
     wrong = [r for r in score.rows if (r["role"] == "clean" and r["flagged"])
-             or (r["role"] == "backdoored" and not (r["target_found"] and r["source_found"]))]
+             or (r["role"] == "backdoored" and not (r["target_found"] and r["source_found"] is not False))]
     if wrong:
         lines.append("failures:")
         for r in wrong:
