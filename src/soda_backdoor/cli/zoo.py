@@ -12,6 +12,8 @@ ZOO_EXAMPLES = """examples:
   soda zoo build zoo/dev.toml --out zoos/dev --jobs 2
   soda zoo score zoos/dev --json zoos/dev/score.json
   soda zoo score zoos/dev --tau-target 3.5 --json s35.json     # any `soda detect` option
+  soda zoo score zoos/dev --detector nc                         # the Neural Cleanse baseline
+  soda zoo repair zoos/dev --methods soda finetune fineprune nad anp --json repair.json
 """
 
 
@@ -35,6 +37,14 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     common(s, data=False)
     detect_args(s)
     s.set_defaults(func=_cmd_zoo_score)
+    r = verbs.add_parser("repair", help="repair every working backdoor of a built zoo with each method")
+    r.add_argument("dir", help="a folder written by `soda zoo build`")
+    r.add_argument("--methods", nargs="+", default=["soda"],
+                   help="repair methods: soda (detect, reconstruct, repair), finetune, fineprune, nad, anp "
+                        "(default soda)")
+    r.add_argument("--jobs", type=int, default=1, help="repairs at once, one thread each (default 1)")
+    common(r, data=False)
+    r.set_defaults(func=_cmd_zoo_repair)
 
 
 def _check_jobs(jobs: int) -> None:
@@ -98,3 +108,22 @@ def _cmd_zoo_score(args) -> int:
     print(format_score(score))
     print(f"ROC curve: {roc}")
     return 0
+
+
+def _cmd_zoo_repair(args) -> int:
+    from ..utils import write_json
+    from ..zoo.repair import format_repair, repair_zoo
+
+    _check_jobs(args.jobs)
+
+    def progress(row, done, total):
+        if not args.quiet:
+            what = (f"ASR {row['asr_before']:.2f} -> {row['asr_after']:.2f}, acc {row['acc_before']:.4f} -> "
+                    f"{row['acc_after']:.4f}" if "error" not in row else f"FAILED: {row['error']}")
+            print(f"[{done}/{total}] {row['key']}: {what}", file=sys.stderr, flush=True)
+
+    result = repair_zoo(args.dir, tuple(args.methods), args.jobs, args.device, args.seed, progress)
+    if args.json:
+        write_json(args.json, result)
+    print(format_repair(result))
+    return 1 if result["errors"] else 0

@@ -1,0 +1,178 @@
+"""Repair every working backdoor of a zoo with each method, and tabulate (docs/zoo.md).
+
+For ``soda`` the full audit runs with defaults, as `soda run --model` does on the file:
+detect, reconstruct the flagged pair, repair. A backdoor that is not detected is not
+repaired (ASR after = ASR before). The baselines (``finetune``, ``fineprune``, ``nad``,
+``anp``; docs/baselines.md) repair with the same clean data budget: the defender's 5% of the
+training split. Every method is measured the same way: clean accuracy and ASR on the
+attack's real semantic test samples, before and after.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..executor import run_tasks
+from .build import append_jsonl, read_jsonl, read_manifest
+from .score import label_rows
+
+METHODS = ("soda", "finetune", "fineprune", "nad", "anp")
+GOOD_ASR = 0.10
+
+
+def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
+    from ..cli.steps import run_detect, run_reconstruct, run_repair, run_evaluate
+    from ..detection import DetectionConfig
+    from ..reconstruction import ReconstructionConfig
+    from ..repair import RepairConfig
+    from ..utils import resolve_device
+
+    device = resolve_device(task["device"])
+    args = (task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
+    det = run_detect(task["path"], *args, DetectionConfig(), None, device, task["seed"], progress=False)
+    if not det["pairs"]:
+        ev = run_evaluate(task["path"], *args, device)
+        return {"detected": None, "acc_before": ev["acc"], "asr_before": ev["asr"], "acc_after": ev["acc"],
+                "asr_after": ev["asr"], "rasr_before": None, "rasr_after": None, "repaired": False}
+    pair = det["pairs"][0]
+    out = Path(task["work"])
+    rec = run_reconstruct(task["path"], *args, pair["source"], pair["target"], ReconstructionConfig(),
+                          str(out / f"{task['key']}-soda.npz"), device, task["seed"], progress=False)
+    if rec["kept"] < 2:
+        ev = run_evaluate(task["path"], *args, device)
+        return {"detected": [pair["source"], pair["target"]], "acc_before": ev["acc"], "asr_before": ev["asr"],
+                "acc_after": ev["acc"], "asr_after": ev["asr"], "rasr_before": None, "rasr_after": None,
+                "repaired": False}
+    rep = run_repair(task["path"], *args, pair["source"], pair["target"], rec["samples"],
+                     RepairConfig(seed=task["seed"]), str(out / f"{task['key']}-soda.safetensors"), device,
+                     progress=False)
+    return {"detected": [pair["source"], pair["target"]], "acc_before": rep["acc_before"],
+            "asr_before": rep["asr_before"], "acc_after": rep["acc_after"], "asr_after": rep["asr_after"],
+            "rasr_before": rep["rasr_before"], "rasr_after": rep["rasr_after"], "repaired": True}
+
+
+def _repair_baseline(task: dict[str, Any]) -> dict[str, Any]:
+    from ..cli.steps import load_context, open_model
+    from ..data import normalize
+    from ..models import save_model
+    from ..repair import BaselineRepairConfig, repair_with
+    from ..training import evaluate_attack
+    from ..utils import resolve_device, seed_everything
+
+    device = resolve_device(task["device"])
+    seed_everything(task["seed"])
+    ctx = load_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
+    loaded = open_model(task["path"], ctx, device)
+    model, meta = loaded.module, loaded.meta
+    before = evaluate_attack(model, ctx.data, ctx.splits, ctx.attack, meta.mean, meta.std, device)
+    dfd = ctx.splits.defender
+    x = normalize(ctx.data.x_train[dfd].to(device), meta.mean, meta.std)
+    y = ctx.data.y_train[dfd].to(device)
+    repair_with(task["method"], model, None, x, y, BaselineRepairConfig(seed=task["seed"]))
+    after = evaluate_attack(model, ctx.data, ctx.splits, ctx.attack, meta.mean, meta.std, device)
+    save_model(Path(task["work"]) / f"{task['key']}-{task['method']}.safetensors", model,
+               meta.with_note(f"repaired by {task['method']}"))
+    return {"detected": None, "acc_before": before.acc, "asr_before": before.asr, "acc_after": after.acc,
+            "asr_after": after.asr, "rasr_before": None, "rasr_after": None, "repaired": True}
+
+
+def _repair_task(task: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    res = (_repair_soda if task["method"] == "soda" else _repair_baseline)(task)
+    return {**res, "seconds": time.perf_counter() - start}
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One method over a group of backdoored models."""
+
+    n: int
+    asr_after_ok: float
+    median_asr_after: float
+    median_acc_loss: float
+    max_acc_loss: float
+    median_seconds: float
+
+
+def summarize(rows: list[dict[str, Any]]) -> MethodSummary:
+    loss = [r["acc_before"] - r["acc_after"] for r in rows]
+    return MethodSummary(len(rows), sum(r["asr_after"] <= GOOD_ASR for r in rows) / len(rows),
+                         statistics.median(r["asr_after"] for r in rows), statistics.median(loss), max(loss),
+                         statistics.median(r["seconds"] for r in rows))
+
+
+def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: int = 1, device: str = "cpu",
+               seed: int = 0, on_model: Callable[[dict[str, Any], int, int], None] | None = None
+               ) -> dict[str, Any]:
+    """Repair every counted backdoored model of a zoo with each method; results cached per model.
+
+    Returns:
+        ``{"rows": [...], "summary": {method: {group: MethodSummary}}}``, grouped by ``all``,
+        attack, architecture and recipe settings.
+    """
+    from ..errors import UserInputError
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UserInputError(f"unknown repair method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+    root = Path(zoo_dir)
+    manifest = read_manifest(root)
+    if not manifest:
+        raise UserInputError(f"{root} holds no built zoo ({root / 'manifest.jsonl'} is missing or empty)")
+    rows = [r for r in label_rows(list(manifest.values())) if r["role"] == "backdoored"]
+    work = root / "repairs"
+    work.mkdir(exist_ok=True)
+    cache_path = work / f"results-seed{seed}.jsonl"
+    cached = read_jsonl(cache_path)
+    tasks = [{"key": f"{r['key']}-{m}", "model_key": r["key"], "method": m, "path": str(root / r["file"]),
+              "dataset": r["dataset"], "data_dir": r.get("data_dir", ""), "attack": r["attack"],
+              "attack_file": r.get("attack_file", ""), "device": device, "seed": seed, "work": str(work)}
+             for m in methods for r in rows if f"{r['key']}-{m}" not in cached]
+    for i, o in enumerate(run_tasks(_repair_task, tasks, jobs), 1):
+        row = {"key": o.task["key"], **(o.result if o.ok else {"error": o.error})}
+        if o.ok:
+            append_jsonl(cache_path, row)
+        cached[row["key"]] = row
+        if on_model is not None:
+            on_model(row, i, len(tasks))
+    out_rows, errors = [], []
+    for m in methods:
+        for r in rows:
+            res = cached[f"{r['key']}-{m}"]
+            if "error" in res:
+                errors.append(f"{r['key']} {m}: {res['error']}")
+                continue
+            out_rows.append({"method": m, "model": r["key"], "arch": r["arch"], "attack": r["attack"],
+                             "seed": r["seed"], "train": r["config"]["train"], "source": r["source"],
+                             "target": r["target"], **{k: v for k, v in res.items() if k != "key"}})
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in methods:
+        mine = [r for r in out_rows if r["method"] == m]
+        if not mine:
+            continue
+        groups: dict[str, list[dict[str, Any]]] = {"all": mine}
+        for r in mine:
+            groups.setdefault(f"attack={r['attack']}", []).append(r)
+            groups.setdefault(f"arch={r['arch']}", []).append(r)
+            groups.setdefault(f"source_blend={r['train']['source_blend']}", []).append(r)
+            groups.setdefault(f"augment_clean={r['train']['augment_clean']}", []).append(r)
+        summary[m] = {g: asdict(summarize(v)) for g, v in groups.items()}
+    return {"zoo": str(root), "methods": list(methods), "rows": out_rows, "summary": summary, "errors": errors}
+
+
+def format_repair(result: dict[str, Any]) -> str:
+    """The side-by-side table: per method and group, ASR after and accuracy cost."""
+    head = (f"{'method':<10}{'group':<30}{'n':>4}{'ASR<=0.1':>10}{'med ASR':>9}{'med loss':>10}"
+            f"{'max loss':>10}{'med s':>8}")
+    lines = [head]
+    for m, groups in result["summary"].items():
+        for g, s in groups.items():
+            lines.append(f"{m:<10}{g:<30}{s['n']:>4}{s['asr_after_ok']:>10.2f}{s['median_asr_after']:>9.3f}"
+                         f"{s['median_acc_loss'] * 100:>9.2f}p{s['max_acc_loss'] * 100:>9.2f}p{s['median_seconds']:>8.1f}")
+    for e in result["errors"]:
+        lines.append(f"failed: {e}")
+    return "\n".join(lines)
