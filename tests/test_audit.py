@@ -227,3 +227,17 @@ def test_ray_backend_gives_identical_rows(fleet, local_audit, tmp_path) -> None:
     for key, row in ray_rows.items():
         assert _stable(row) == _stable(local[key])
     assert not fleet["marker"].exists()
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not _ray_available(), reason="needs the ray extra: pip install 'soda-backdoor[ray]'")
+def test_zoo_builds_on_ray(tmp_path, capsys) -> None:
+    from test_model_zoo import _tiny_zoo_files
+
+    spec = _tiny_zoo_files(tmp_path)
+    out = tmp_path / "zoo"
+    assert main(["zoo", "build", str(spec), "--out", str(out), "--jobs", "2", "--backend", "ray", "--quiet"]) == 0
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert {r["attack"] for r in rows.values()} == {"patch", "none"}
+    assert all((out / r["file"]).is_file() and r["threads"] == 1 for r in rows.values())
+    assert "2 trained, 0 failed" in capsys.readouterr().out
