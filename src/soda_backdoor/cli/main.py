@@ -22,6 +22,7 @@ EXAMPLES = """examples:
       --attack stripet --out repaired.safetensors --json repair.json
   soda run                      # the whole pipeline on real Fashion-MNIST into runs/default
   soda zoo build zoo/dev.toml --out zoos/dev --jobs 2 && soda zoo score zoos/dev
+  soda audit zoos/dev/models --dataset fmnist --out audits/dev --jobs 2
 """
 
 
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .zoo import add_zoo_parser
 
     add_zoo_parser(sub, _Parser, _common, _detect_args)
+    from .audit import add_audit_parser
+
+    add_audit_parser(sub, _Parser, _common, _detect_args, _recon_args, _repair_args)
 
     p = sub.add_parser("report", help="re-render DIR/report.html from a run folder")
     p.add_argument("dir", help="run folder written by `soda run`")

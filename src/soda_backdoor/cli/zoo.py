@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 ZOO_EXAMPLES = """examples:
   soda zoo build zoo/dev.toml --out zoos/dev --jobs 2
+  soda zoo build zoo/dev.toml --out /shared/zoos/dev --jobs 40 --backend ray --ray-address auto
   soda zoo score zoos/dev --json zoos/dev/score.json
   soda zoo score zoos/dev --tau-target 3.5 --json s35.json     # any `soda detect` option
   soda zoo score zoos/dev --detector nc                         # the Neural Cleanse baseline
@@ -26,6 +27,10 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     b.add_argument("spec", help="zoo spec (TOML; see docs/zoo.md)")
     b.add_argument("--out", required=True, help="zoo folder (models/, manifest.jsonl)")
     b.add_argument("--jobs", type=int, default=1, help="trainings at once, one thread each (default 1)")
+    b.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local process pool, or Ray tasks (pip install 'soda-backdoor[ray]')")
+    b.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto': this machine's); "
+                   "default: start a local Ray with --jobs CPUs")
     common(b, data=False)
     b.set_defaults(func=_cmd_zoo_build)
     s = verbs.add_parser("score", help="run a detector on every model of a built zoo and score it")
@@ -58,6 +63,10 @@ def _cmd_zoo_build(args) -> int:
     from ..zoo import build_zoo, load_zoo_spec
 
     _check_jobs(args.jobs)
+    if args.ray_address and args.backend != "ray":
+        from ..errors import UserInputError
+
+        raise UserInputError("--ray-address needs --backend ray")
     spec = load_zoo_spec(args.spec)
 
     def progress(row, done, total):
@@ -67,7 +76,7 @@ def _cmd_zoo_build(args) -> int:
                 else f"FAILED: {row['error']}")
         print(f"[{done}/{total}] {row['arch']} {row['attack']} {row['key']}: {what}", file=sys.stderr, flush=True)
 
-    rep = build_zoo(spec, args.out, args.jobs, args.device, progress)
+    rep = build_zoo(spec, args.out, args.jobs, args.device, progress, args.backend, args.ray_address)
     if args.json:
         from ..utils import write_json
 

@@ -126,9 +126,28 @@ def _unpickling_reason(exc: Exception) -> str:
     return lines[0][:160] if lines else "unsafe pickle"
 
 
+TORCH_ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file that cannot be a ``torch.save`` file (empty, text, ...) before unpickling it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise UserInputError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise UserInputError(f"{path} is empty, not a model file (valid: .safetensors, or a .th/.pt state_dict)")
+    if not (head.startswith(TORCH_ZIP_MAGIC) or head.startswith(PICKLE_PROTO)):
+        raise UserInputError(f"{path} is not a model file: neither safetensors nor a torch.save state_dict "
+                             "(valid: .safetensors, or a .th/.pt state_dict)")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.th``/``.pt`` state_dict without running code (weights_only)."""
     path = Path(path)
+    _check_torch_file(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not for our users
             warnings.simplefilter("ignore")
@@ -136,8 +155,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise UserInputError(f"refused {path}: it is not a plain weights file and loading it could run code "
                              f"({_unpickling_reason(exc)}); save a state_dict or safetensors instead") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        raise UserInputError(f"cannot read model file {path}: {str(exc).splitlines()[0][:200]}") from exc
+    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler fails on junk with any error type
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"cannot read model file {path}: {first}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -163,14 +183,15 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         head = fh.read(16)
     is_safetensors = path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
     if is_safetensors:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as fh:
                 file_meta = fh.metadata() or {}
                 state = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserInputError(f"cannot read safetensors file {path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, or a torch error on a bad header
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserInputError(f"cannot read safetensors file {path}: {first}") from exc
         if META_KEY in file_meta:
             meta = ModelMeta.from_json(file_meta[META_KEY])
     else:

@@ -103,7 +103,8 @@ def manifest_row(entry: ZooEntry, file: str, result: dict[str, Any]) -> dict[str
 
 
 def build_zoo(spec: ZooSpec, out_dir: str | Path, jobs: int = 1, device: str = "cpu",
-              on_model: Callable[[dict[str, Any], int, int], None] | None = None) -> BuildReport:
+              on_model: Callable[[dict[str, Any], int, int], None] | None = None, backend: str = "local",
+              ray_address: str | None = None) -> BuildReport:
     """Train every model of ``spec`` (and the clean twins) that ``out_dir`` lacks.
 
     Args:
@@ -112,6 +113,9 @@ def build_zoo(spec: ZooSpec, out_dir: str | Path, jobs: int = 1, device: str = "
         jobs: trainings at once, one thread each.
         device: ``cpu``, ``cuda`` or ``auto``.
         on_model: called with each finished row (an ``error`` key on failure), done and total.
+        backend: ``local`` (a process pool) or ``ray`` (Ray tasks; the model files must land
+            on a folder every node shares).
+        ray_address: Ray cluster to join (``auto``: this machine's); ``None`` starts a local one.
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -125,7 +129,8 @@ def build_zoo(spec: ZooSpec, out_dir: str | Path, jobs: int = 1, device: str = "
     todo = [e for e in entries if not (e.key in done and (out / done[e.key]["file"]).is_file())]
     tasks = [{"entry": e, "path": str(out / "models" / f"{e.key}.safetensors"), "device": device} for e in todo]
     trained, errors = 0, []
-    for i, outcome in enumerate(run_tasks(_train_task, tasks, jobs), 1):
+    outcomes = run_tasks(_train_task, tasks, jobs, backend=backend, ray_address=ray_address)
+    for i, outcome in enumerate(outcomes, 1):
         entry: ZooEntry = outcome.task["entry"]
         if outcome.ok:
             row = manifest_row(entry, f"models/{entry.key}.safetensors", outcome.result)
