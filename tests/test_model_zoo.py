@@ -13,7 +13,7 @@ from soda_backdoor.errors import UserInputError
 from soda_backdoor.zoo import build_zoo, label_rows, load_zoo_spec, read_manifest, with_twins
 
 
-def _tiny_zoo_files(tmp_path: Path, attacks: str = '["patch"]') -> Path:
+def _tiny_zoo_files(tmp_path: Path, attacks: str = '["patch"]', recipe: str = "epochs = 1") -> Path:
     """A 10-class 28x28 dataset (300 train, 200 test), a patch attack on class 0, and a spec."""
     rng = np.random.default_rng(0)
 
@@ -42,7 +42,7 @@ attack_file = "attacks.json"
 arch = "lenet"
 attack = {attacks}
 seed = 0
-epochs = 1
+{recipe}
 batch_size = 32
 lr = 0.05
 ''')
@@ -129,3 +129,25 @@ def test_twin_rule() -> None:
     assert roles["weak"][0] == "excluded" and "ASR 0.40" in roles["weak"][1]
     assert roles["worse"][0] == "excluded" and "2 points" in roles["worse"][1]
     assert roles["orphan"][0] == "excluded" and "twin" in roles["orphan"][1]
+
+
+def test_zoo_repair_runs_each_method_and_resumes(tmp_path: Path, capsys) -> None:
+    # 20 epochs without augmentation: the tiny models learn the classes (acc 1.0) and the patch (ASR 1.0).
+    spec = load_zoo_spec(_tiny_zoo_files(tmp_path, recipe="epochs = 20\naugment_clean = false"))
+    out = tmp_path / "zoo"
+    build_zoo(spec, out)
+    rows = {r["attack"]: r for r in read_manifest(out).values()}
+    assert rows["patch"]["asr"] >= 0.5 and rows["patch"]["acc"] >= rows["none"]["acc"] - 0.02
+    assert main(["zoo", "repair", str(out), "--methods", "soda", "finetune", "--json", str(tmp_path / "r.json"),
+                 "--quiet"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(r["method"] for r in result["rows"]) == ["finetune", "soda"]
+    for r in result["rows"]:
+        assert r["model"] == rows["patch"]["key"] and r["asr_before"] == pytest.approx(rows["patch"]["asr"])
+        assert 0 <= r["asr_after"] <= 1 and 0 <= r["acc_after"] <= 1
+    assert set(result["summary"]) == {"soda", "finetune"} and result["summary"]["soda"]["all"]["n"] == 1
+    assert "finetune" in capsys.readouterr().out
+    # Cached per model and method: a rerun repairs nothing again.
+    assert main(["zoo", "repair", str(out), "--methods", "finetune", "--quiet"]) == 0
+    assert len((out / "repairs" / "results-seed0.jsonl").read_text().splitlines()) == 2
+    assert main(["zoo", "repair", str(out), "--methods", "nope"]) == 2
