@@ -34,7 +34,7 @@ def load(zoo: str) -> list[dict]:
     rows = [r for r in label_rows(list(read_manifest(root).values())) if r["role"] != "excluded" and r["key"] in feats]
     for r in rows:
         f = feats[r["key"]]
-        r["f"] = {k: np.asarray(f[k], dtype=float) for k in ("s_w", "ai_w", "s_act", "ai_act", "logits", "steps")}
+        r["f"] = {k: np.asarray(f[k], dtype=float) for k in ("s_w", "ai_w", "s_act", "ai_act", "logits", "dist")}
     return rows
 
 
@@ -43,20 +43,17 @@ def ai(v: np.ndarray) -> np.ndarray:
 
 
 def asym_scores(f: dict) -> np.ndarray:
-    """Per class k: the largest one-way asymmetry of any class c into k."""
-    st = f["steps"]
-    k = len(st)
-    out = np.zeros(k)
-    for t in range(k):
-        out[t] = max(np.log((1 + st[t, c]) / (1 + st[c, t])) for c in range(k) if c != t)
-    return out
+    """Per class k: the largest one-way asymmetry of any class c into k (close c -> k, far k -> c)."""
+    d = np.maximum(f["dist"], 1e-6)
+    k = len(d)
+    return np.array([max(np.log(d[t, c] / d[c, t]) for c in range(k) if c != t) for t in range(k)])
 
 
 def speed_scores(f: dict) -> np.ndarray:
-    """Per class k: how much faster its fastest source is than its typical one."""
-    st = f["steps"]
-    k = len(st)
-    return np.array([np.median([st[c, t] for c in range(k) if c != t]) - min(st[c, t] for c in range(k) if c != t)
+    """Per class k: how much closer its closest class is than its typical one (log ratio)."""
+    d = np.maximum(f["dist"], 1e-6)
+    k = len(d)
+    return np.array([np.log(np.median([d[c, t] for c in range(k) if c != t]) / min(d[c, t] for c in range(k) if c != t))
                      for t in range(k)])
 
 

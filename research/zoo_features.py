@@ -8,8 +8,10 @@ For each model (clean analysis data: the test split minus its own attack's seman
 - ``s_act`` / ``ai_act``: the same score with activation-weighted attributions,
   ``A_c[i, k] = mean_x h_i(x) * |W[k, i]|`` (data-dependent: class c's own activations);
 - ``logits``: the K x K mean-logit matrix ``E[c, k]``;
-- ``steps``: the K x K matrix of mean optimisation steps that carry class c's clean samples
-  to class k (``transfer_steps``, 32 samples per class, budget 50, lr 0.01).
+- ``dist``: the K x K matrix of first-order (DeepFool-step) distances from class c's clean
+  samples to class k's decision boundary, ``mean_x (z_c - z_k) / ||grad_x (z_c - z_k)||``
+  (32 samples per class; one backward pass per class k). A cheap stand-in for the number of
+  optimisation steps that carry class c to class k (the ``fastest`` source rule).
 
 Usage: python research/zoo_features.py ZOO_DIR [--out FILE] [--jobs N]
 """
@@ -29,7 +31,7 @@ import torch
 from soda_backdoor.analysis import AttributionConfig, activations, compute_neuron_effects, parse_layer
 from soda_backdoor.data import get_attack, load_dataset, normalize
 from soda_backdoor.data.splits import make_splits
-from soda_backdoor.detection.detector import mean_logits, target_scores, transfer_steps
+from soda_backdoor.detection.detector import mean_logits, target_scores
 from soda_backdoor.detection.stats import mad_outliers
 from soda_backdoor.executor import run_tasks
 from soda_backdoor.models import load_model
@@ -37,7 +39,27 @@ from soda_backdoor.zoo import read_manifest
 from soda_backdoor.zoo.build import append_jsonl, read_jsonl
 
 NUM_SAMPLES = 256
-STEP_SAMPLES, STEP_BUDGET, STEP_LR = 32, 50, 0.01
+DIST_SAMPLES = 32
+
+
+def boundary_distances(model: torch.nn.Module, inputs: dict[int, torch.Tensor], k: int) -> torch.Tensor:
+    """``D[c, t]``: mean first-order distance of class c's samples to the c/t boundary."""
+    x = torch.cat([inputs[c][:DIST_SAMPLES] for c in range(k)]).clone().requires_grad_(True)
+    own = torch.cat([torch.full((min(DIST_SAMPLES, len(inputs[c])),), c) for c in range(k)])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    z = model(x)
+    zc = z.gather(1, own[:, None]).squeeze(1)
+    d = torch.zeros(k, k, dtype=torch.double)
+    for t in range(k):
+        margin = zc - z[:, t]
+        (g,) = torch.autograd.grad(margin.sum(), x, retain_graph=t < k - 1)
+        dist = (margin / (g.flatten(1).norm(dim=1) + 1e-8)).detach().double()
+        for c in range(k):
+            if c != t:
+                d[c, t] = dist[own == c].mean()
+    return d
 
 
 def _features(task: dict) -> dict:
@@ -63,17 +85,10 @@ def _features(task: dict) -> dict:
     act = type(eff)(eff.layer, torch.stack(mats), eff.classes, eff.num_samples, "act")
     s_act = target_scores(act, k)
     e = mean_logits(model, inputs, k)
-    groups = [(inputs[c][:STEP_SAMPLES], t) for c in range(k) for t in range(k) if t != c]
-    steps = transfer_steps(model, groups, STEP_BUDGET, STEP_LR)
-    mat = torch.zeros(k, k, dtype=torch.double)
-    it = iter(steps.tolist())
-    for c in range(k):
-        for t in range(k):
-            if t != c:
-                mat[c, t] = next(it)
+    dist = boundary_distances(model, inputs, k)
     return {"key": row["key"], "s_w": s_w.tolist(), "ai_w": list(mad_outliers(s_w, 1.0).anomaly_index),
             "s_act": s_act.tolist(), "ai_act": list(mad_outliers(s_act, 1.0).anomaly_index),
-            "logits": e.tolist(), "steps": mat.tolist(), "seconds": time.perf_counter() - t0}
+            "logits": e.tolist(), "dist": dist.tolist(), "seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in read_manifest(root).values() if r["key"] not in done]
     meta = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
             "torch": torch.__version__, "threads": 1, "machine": platform.machine(),
-            "config": {"num_samples": NUM_SAMPLES, "step_samples": STEP_SAMPLES, "step_budget": STEP_BUDGET,
-                       "step_lr": STEP_LR}}
+            "config": {"num_samples": NUM_SAMPLES, "dist_samples": DIST_SAMPLES}}
     tasks = [{"row": r, "path": str(root / r["file"])} for r in rows]
     for i, o in enumerate(run_tasks(_features, tasks, args.jobs), 1):
         if o.ok:
