@@ -20,7 +20,7 @@ import torch
 
 import soda_backdoor
 from soda_backdoor.cli.main import main
-from soda_backdoor.cli.steps import model_fingerprint
+from soda_backdoor.artifacts import model_fingerprint
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.models import ModelMeta, create_model, load_model, save_model
 from soda_backdoor.utils import write_atomic

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import check_at_least, check_finite
 from ..utils import cpu_channels_last, eval_mode
 from .fold import Fold, find_fold, run_tail, trace_downstream
 from .hooks import LayerRef, activations, intervene
@@ -56,6 +57,12 @@ class AttributionConfig:
     chunk_size: int = 1024
     forward_batch: int = 64
     exact_affine: bool = True
+
+    def __post_init__(self) -> None:
+        check_finite("delta", self.delta, positive=True)
+        check_at_least("num_samples", self.num_samples, 1)
+        check_at_least("chunk_size", self.chunk_size, 1)
+        check_at_least("forward_batch", self.forward_batch, 1)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..analysis.optimize import loss_per_sample as _loss
 from ..analysis.optimize import optimize_batch
 from ..utils import cpu_channels_last, eval_mode, frozen
+from ..errors import check_at_least, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class ReconstructionConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         reg: weight of ``mean(x^2)`` (the study's ``--reg``).
-        threshold: stop a sample once its target probability reaches this.
+        threshold: stop a sample once its target probability reaches this (above 1: never
+            stop early, every sample runs all ``steps``).
         num_keep: samples to keep (the study's ``--num_sample``).
         batch_size: starts optimised together.
     """
@@ -49,6 +51,16 @@ class ReconstructionConfig:
     threshold: float = 0.99
     num_keep: int = 100
     batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_at_least("steps", self.steps, 1)
+        check_finite("lr", self.lr, positive=True)
+        check_finite("momentum", self.momentum)
+        check_finite("weight_decay", self.weight_decay)
+        check_finite("reg", self.reg)
+        check_finite("threshold", self.threshold, positive=True)
+        check_at_least("num_keep", self.num_keep, 1)
+        check_at_least("batch_size", self.batch_size, 1)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..analysis.hooks import LayerRef, intervene
+from ..errors import check_at_least, check_finite, check_interval
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,17 @@ class RepairConfig:
     num_recon: int = 20
     bn_train: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_interval("top", self.top, 0.0, 1.0, low_open=True)
+        check_at_least("epochs", self.epochs, 1)
+        check_finite("lr", self.lr, positive=True)
+        check_finite("momentum", self.momentum)
+        check_finite("weight_decay", self.weight_decay)
+        check_finite("reg", self.reg)
+        check_finite("reg_cap", self.reg_cap)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("num_recon", self.num_recon, 1)
 
 
 @dataclass(frozen=True)

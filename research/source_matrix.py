@@ -13,7 +13,7 @@ every class c as the source of a backdoor into the target t (largest score wins)
 - ``mean_logit``   E[c, t]                         (the study's rule)
 
 Usage:
-    python experiments/source_matrix.py M1.safetensors ... [--attack-file F.json] [--n 32] [--json OUT]
+    python research/source_matrix.py M1.safetensors ... [--attack-file F.json] [--n 32] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import mean_logits
 from soda_backdoor.detection.detector import transfer_steps
@@ -82,7 +82,7 @@ def main() -> None:
     results, wins = {}, {r: 0 for r in RULES}
     for path in a.models:
         ctx = load_context("fmnist", None, None, None)
-        loaded = open_model(path, ctx, torch.device("cpu"))
+        loaded = open_model(path, ctx.data, torch.device("cpu"))
         name = loaded.meta.attack
         atk = get_attack(name, "fmnist", a.attack_file if name not in ("stripet",) else None)
         if atk is None:

@@ -6,7 +6,7 @@ class of a clean model (for a pair: the per-class sum over both layers). A layer
 when the first is larger.
 
 Usage:
-    python experiments/layer_separation.py experiments/results/layers_*.json
+    python research/layer_separation.py research/results/layers_*.json
 """
 
 from __future__ import annotations

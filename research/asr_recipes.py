@@ -6,7 +6,7 @@ are not sent to the target (with their predicted class and target probability). 
 line per epoch goes to ``--log``.
 
 Usage:
-    python experiments/asr_recipes.py --seed 0 --width 32 --set epochs=8 milestones=4,6 --log out.jsonl
+    python research/asr_recipes.py --seed 0 --width 32 --set epochs=8 milestones=4,6 --log out.jsonl
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ trigger is added): the darkest, brightest or most textured ~1.5% of the class, i
 test alike.
 The output has the schema of semantic_attacks.json and works with ``--attack-file``.
 
-Usage: python experiments/make_synthetic_attacks.py OUT.json
+Usage: python research/make_synthetic_attacks.py OUT.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ largest anomaly index of any other class, with 256 clean samples per class. A la
 well when every backdoored model's target sits far above every clean model's maximum.
 
 Usage:
-    python experiments/layer_study.py M1.safetensors ... [--layers fc:input features.9 ...]
+    python research/layer_study.py M1.safetensors ... [--layers fc:input features.9 ...]
         [--attack-file F.json] [--json OUT]
 """
 
@@ -17,7 +17,7 @@ import json
 import torch
 
 from soda_backdoor.analysis import AttributionConfig, compute_neuron_effects, parse_layer
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import target_scores
 from soda_backdoor.detection.stats import mad_outliers
@@ -39,7 +39,7 @@ def main() -> None:
         attack_file = a.attack_file if name not in ("stripet", "none") else None
         atk = get_attack(name, "fmnist", attack_file)
         ctx = load_context("fmnist", None, name, attack_file)
-        loaded = open_model(path, ctx, torch.device("cpu"))
+        loaded = open_model(path, ctx.data, torch.device("cpu"))
         inputs = class_inputs(ctx, loaded.meta, a.num_samples, torch.device("cpu"))
         row = {"model": path, "attack": name, "source": atk.source if atk else None,
                "target": atk.target if atk else None, "layers": {}}

@@ -16,7 +16,7 @@ Model attacks come from the metadata; ``--targets name=class`` adds ones not in 
 (the synthetic attacks of make_synthetic_attacks.py are known by name).
 
 Usage:
-    python experiments/target_score_variants.py DIR_OR_MODEL ... [--targets name=k ...]
+    python research/target_score_variants.py DIR_OR_MODEL ... [--targets name=k ...]
 """
 
 from __future__ import annotations

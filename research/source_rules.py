@@ -14,7 +14,7 @@ is right when the true source has the largest score. Statistics:
                    samples of class c closest to the backdoor feature).
 - steps_median:    minus the median of the per-sample steps.
 
-Usage: python experiments/source_rules.py M1.safetensors ... [--attack-file F.json] [--json OUT]
+Usage: python research/source_rules.py M1.safetensors ... [--attack-file F.json] [--json OUT]
        (--target T --source S for a model trained clean)
 """
 
@@ -25,7 +25,7 @@ import json
 
 import torch
 
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import mean_logits
 from soda_backdoor.models import load_model
@@ -66,7 +66,7 @@ def attack_of(path: str, attack_file: str | None) -> tuple[int, int]:
 
 def scores_for(path: str, target: int, n: int, k: int, attack_file: str | None = None) -> dict[str, list[float]]:
     ctx = load_context("fmnist", None, None, None)
-    loaded = open_model(path, ctx, torch.device("cpu"))
+    loaded = open_model(path, ctx.data, torch.device("cpu"))
     if loaded.meta.attack != "none":
         name = loaded.meta.attack
         ctx = load_context("fmnist", None, name, attack_file if name not in ("stripet",) else None)
