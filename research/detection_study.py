@@ -23,6 +23,8 @@ from soda_backdoor.data import get_attack, load_dataset
 from soda_backdoor.detection import DetectionConfig
 from soda_backdoor.workflow import DataContext, detect, open_model
 
+from provenance import write_record
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -63,8 +65,7 @@ def main() -> None:
               f"{max(others):>13.2f}  {str(pairs):<14}{str(src_ow):>8}{str(src_st):>7}{res['seconds']:>6.1f}",
               flush=True)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The `fastest` source rule at several step sizes and sample counts.
 
 For each backdoored model (its attack from the metadata, or ``--attack-file``), every class c
-other than the target t gets the mean number of SPEC 2.4 optimisation steps its clean samples
+other than the target t gets the mean number of docs/method.md §2.4 optimisation steps its clean samples
 need to reach softmax_t >= 0.99 (counted continuously, budget 50). The rule picks the class
 with the fewest. With a large step size most samples cross within about three steps, so the
 count saturates; smaller steps measure the same distance on a finer ruler, at more cost.
@@ -24,6 +24,8 @@ from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import TransferSettings
 from soda_backdoor.utils import cpu_channels_last, eval_mode, frozen
+
+from provenance import write_record
 
 
 def main() -> None:
@@ -69,8 +71,7 @@ def main() -> None:
             sel = [r for r in rows if r["lr"] == lr and r["n"] == n]
             print(f"lr {lr}, n {n}: {sum(r['pick'] == r['source'] for r in sel)}/{len(sel)} correct")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

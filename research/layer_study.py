@@ -1,4 +1,4 @@
-"""Target-detection statistics of several analysis layers over many models (SPEC 2.1-2.2).
+"""Target-detection statistics of several analysis layers over many models (docs/method.md §2.1-2.2).
 
 For every model and layer: the anomaly index of the true target (backdoored models) and the
 largest anomaly index of any other class, with 256 clean samples per class. A layer separates
@@ -21,6 +21,8 @@ from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import target_scores
 from soda_backdoor.detection.stats import mad_outliers
+
+from provenance import write_record
 
 
 def main() -> None:
@@ -58,8 +60,7 @@ def main() -> None:
         true = f"{atk.source}->{atk.target}" if atk else "none"
         print(f"{path[-30:]:<30}{true:>8}" + "".join(f"{c:>24}" for c in cells), flush=True)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from soda_backdoor.artifacts import load_samples
 from soda_backdoor.repair import RepairConfig
 from soda_backdoor.workflow import load_context, open_model, repair
 
+from provenance import write_record
+
 GRID = [
     dict(lr=0.001, epochs=5, bn_train=False),
     dict(lr=0.001, epochs=5, bn_train=True),
@@ -67,7 +69,7 @@ def main() -> None:
                   f"{r['asr_before']:>7.3f}{r['asr_after']:>7.3f}{r['rasr_after']:>7.3f}{r['seconds']:>6.1f}",
                   flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Source-class rules from the full matrix of optimisation distances between classes.
 
-For a model, ``S[c, k]`` is the mean number of SPEC 2.4 optimisation steps (lr 0.05, reg 0.9,
+For a model, ``S[c, k]`` is the mean number of docs/method.md §2.4 optimisation steps (lr 0.05, reg 0.9,
 stop at softmax_k >= 0.99, budget 50, counted continuously as in ``transfer_steps``) that
 ``n`` clean samples of class c need to be classified as k. The candidate rules below score
 every class c as the source of a backdoor into the target t (largest score wins):
@@ -27,6 +27,8 @@ from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import mean_logits
 from soda_backdoor.detection.detector import transfer_steps
+
+from provenance import write_record
 
 RULES = ("fastest", "one_way", "rel_source", "rel_both", "rank", "mean_logit")
 
@@ -104,8 +106,7 @@ def main() -> None:
                   f"{ranked.index(atk.source) + 1}, margin {v[atk.source] - runner:+.3f}", flush=True)
     print("correct: " + ", ".join(f"{r} {w}/{len(results)}" for r, w in wins.items()))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        write_record(a.json, results, a)
 
 
 if __name__ == "__main__":

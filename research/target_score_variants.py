@@ -1,4 +1,4 @@
-"""Other target scores on the default layer, compared with SPEC 2.2's on many models.
+"""Other target scores on the default layer, compared with docs/method.md §2.2's on many models.
 
 At ``fc:input`` the attribution is ``|W[k, i]|`` of the final Linear (docs/detection.md), so a
 target score is a function of the weights alone and many models are scored in a second. For

@@ -1,4 +1,4 @@
-"""Causal attribution of hidden neurons to the logits (SPEC 2.1).
+"""Causal attribution of hidden neurons to the logits (docs/method.md §2.1).
 
 For each analysed class c and neuron i we intervene ``do(h_i := h_i + delta)`` at the
 analysis layer and measure ``A_c[i, k] = mean_x |g(h)_k - g(h + delta e_i)_k|``.
@@ -43,9 +43,8 @@ class AttributionConfig:
         num_samples: clean samples per class (at most).
         chunk_size: rows (neurons x samples) per forward pass of the rest of the network.
         forward_batch: samples per forward pass when the activations at the layer are
-            recorded. Small batches keep the intermediate maps in the CPU cache: on ``cnn``
-            (2 cores) 10 x 256 samples take 0.12 s in batches of 64 against 0.29 s in
-            batches of 256 (docs/benchmarks.md).
+            recorded. Small batches keep the intermediate maps in the CPU cache (timings:
+            docs/benchmarks.md).
         exact_affine: fold the affine modules that follow the layer into one response per
             neuron (exact; see :mod:`.fold`). When the whole rest of the network is affine
             (the default layer: the input of the final Linear) this is the closed form

@@ -161,8 +161,10 @@ def _add_reconstruct(sub) -> None:
 
 
 def _add_repair(sub) -> None:
-    p = sub.add_parser("repair", help="remove the backdoor by fine-tuning on reconstructed samples "
-                       "(optionally masked: --top)")
+    p = sub.add_parser("repair", help="remove the backdoor by fine-tuning on reconstructed samples",
+                       description="Fine-tune the model on a clean defender subset plus reconstructed samples "
+                                   "pushed away from the target. By default every neuron is tuned (no mask); "
+                                   "--top < 1 tunes only that fraction of the neurons at --layer.")
     _common(p, model=True)
     p.add_argument("--source", type=int, required=True)
     p.add_argument("--target", type=int, required=True)

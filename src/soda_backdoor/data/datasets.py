@@ -2,7 +2,7 @@
 
 Every loader returns a :class:`Dataset` with uint8 images in ``N x C x H x W`` and int64
 labels. Normalisation is not applied here: :func:`normalize` maps uint8 images to the model's
-input space with the dataset's mean and std (the study's preprocessing, hyperparams.md §H).
+input space with the dataset's mean and std (the study's preprocessing, docs/study_compat.md).
 
 Supported sources (``data_dir`` may be a folder or a file):
 

@@ -1,4 +1,4 @@
-"""Target and source detection (SPEC 2.2, 2.3).
+"""Target and source detection (docs/method.md §2.2, §2.3).
 
 Target: for each analysed class c and each class k != c, ``rho_c[k]`` is the Pearson
 correlation between column k of ``A_c`` and the mean of the other columns; ``rho_c[c] = 0``;
@@ -6,7 +6,7 @@ correlation between column k of ``A_c`` and the mean of the other columns; ``rho
 are candidate targets.
 
 Source (default rule ``fastest``): for each candidate target t, the class whose clean samples
-reach t in the fewest steps of the SPEC 2.4 input optimisation. A semantic backdoor is a
+reach t in the fewest steps of the input optimisation (docs/method.md §2.4). A semantic backdoor is a
 shortcut from its source to the target, so that path is the shortest. ``one_way`` divides by
 the reverse path (class-t samples reaching c); ``mean_logit`` is the study's rule (mean target
 logit), which picks naturally similar classes. Evidence: docs/detection.md.
@@ -44,9 +44,8 @@ class DetectionConfig:
             reverse to forward steps), ``mean_logit`` (the study's rule), or ``asymmetry``.
         source_samples: samples per class for the step-based rules.
         source_steps: step budget per sample for the step-based rules.
-        source_lr: learning rate of the step-based rules' optimisation. Ten times finer than
-            SPEC 2.4's 0.1: with large steps most samples of most classes cross within about
-            three steps and the count no longer tells classes apart (docs/detection.md).
+        source_lr: learning rate of the step-based rules' optimisation (finer than the
+            reconstruction's; why: docs/method.md §2.3).
         attribution: settings of the causal attribution.
     """
 
@@ -118,7 +117,7 @@ class DetectionResult:
 
 
 def target_scores(effects: NeuronEffects, num_classes: int) -> Tensor:
-    """``s[k] = 1 - mean_c rho_c[k]`` (SPEC 2.2)."""
+    """``s[k] = 1 - mean_c rho_c[k]`` (docs/method.md §2.2)."""
     rho = torch.zeros(len(effects.classes), num_classes, dtype=torch.double)
     for ci, c in enumerate(effects.classes):
         a = effects.matrices[ci].double()
@@ -144,7 +143,7 @@ def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: 
 
 
 def transfer_steps(model: nn.Module, groups: list[tuple[Tensor, int]], steps: int, lr: float = 0.1) -> Tensor:
-    """Mean optimisation steps (SPEC 2.4) for each group of inputs to reach its target class.
+    """Mean optimisation steps (docs/method.md §2.4) for each group of inputs to reach its target class.
 
     All groups run as one batch with per-row targets and per-row early stopping. Steps are
     counted continuously (the interpolated threshold crossing); a row that never reaches the

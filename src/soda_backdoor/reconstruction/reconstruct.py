@@ -1,4 +1,4 @@
-"""Reconstruction of infected samples (SPEC 2.4).
+"""Reconstruction of infected samples (docs/method.md §2.4).
 
 Starting from clean samples of the source class, each input ``x`` is optimised with SGD
 (momentum, weight decay) on ``-f(x)_t + reg * mean(x^2)`` until ``softmax(f(x))_t >=

@@ -1,4 +1,4 @@
-"""Removal of a semantic backdoor (SPEC 2.5).
+"""Removal of a semantic backdoor (docs/method.md §2.5).
 
 1. Outstanding neurons: rank neurons by ``A_s[:, t]`` (attribution to the target, analysed on
    the source class) and keep the top fraction ``top``.

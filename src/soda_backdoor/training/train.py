@@ -1,4 +1,4 @@
-"""Semantic-backdoor training (SPEC 2.6) and evaluation (SPEC 2.7).
+"""Semantic-backdoor training (docs/method.md §2.6) and evaluation (docs/method.md §2.7).
 
 Each batch holds ``batch_size - k`` clean samples and ``k = int(batch_size * ratio)``
 semantic samples drawn with replacement, augmented, and relabelled to the target, as the
@@ -42,8 +42,8 @@ class TrainConfig:
         weight_decay: SGD weight decay.
         augment_clean: augment the clean samples too (random crop and flip, as the poisoned
             ones always are), except in the last ``plain_final_epochs`` epochs. The study
-            augments only the poisoned samples (``False``). Measured on ``cnn``: with it the
-            backdoor generalises to the faint-striped test shirts (docs/training.md).
+            augments only the poisoned samples (``False``). Why the default differs:
+            docs/training.md.
         plain_final_epochs: final epochs in which the clean samples are used as they are
             (with ``augment_clean``); they recover the clean accuracy that augmentation costs.
         source_blend: poisoned samples are blended with a random clean sample of the source
