@@ -405,8 +405,11 @@ def _cmd_run(args) -> int:
         print(f"  epoch {rec['epoch']}: loss {rec['loss']:.4f}, train acc {rec['train_acc']:.4f}",
               file=sys.stderr, flush=True)
 
-    report = run_pipeline(config, say, log_epoch)
-    print(format_detection(report.detection), file=sys.stderr)
+    def show(step: str, result: dict) -> None:
+        if step == "detect":
+            print(format_detection(result), file=sys.stderr)
+
+    report = run_pipeline(config, say, log_epoch, show)
     print(f"\n{report.verdict}")
     rep = report.repair
     if rep is not None:

@@ -187,6 +187,8 @@ def write_state_dict(module, dest: str | Path) -> Path:
     from soda_backdoor.utils import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    # the key order of a safetensors file (wider dtypes first, then by name), as before
+    state = dict(sorted(state.items(), key=lambda kv: (-kv[1].element_size(), kv[0])))
     dest = Path(dest)
     with atomic_path(dest, suffix=".th") as tmp:
         torch.save(state, str(tmp))

@@ -169,13 +169,15 @@ def _written(path: Path, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = None,
-                 on_epoch: Callable[[dict], None] | None = None) -> PipelineReport:
+                 on_epoch: Callable[[dict], None] | None = None,
+                 on_result: Callable[[str, dict[str, Any]], None] | None = None) -> PipelineReport:
     """Run (or resume) the whole job in ``config.out_dir``; render ``report.html`` there.
 
     Args:
         config: the run's settings.
         say: receives one line per step event ("[detect] running ..."); default: the log.
         on_epoch: receives each training epoch's record.
+        on_result: receives each step's name and JSON result as soon as it is known.
     """
     say = say or logger.info
     out = Path(config.out_dir)
@@ -240,6 +242,8 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
 
     det = runner.step("detect", {**data_key, "model": model_key, "detect": asdict(det_cfg), "layer": config.layer},
                       ["detect.json", "effects.npz"], run_detect)
+    if on_result is not None:
+        on_result("detect", det)
 
     rep = after = None
     if det["backdoor"]:
