@@ -12,7 +12,6 @@ Usage:
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 
 from provenance import read_rows

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import os
 import pickle
 import struct
 from pathlib import Path

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from helpers import fmnist_idx_arrays, write_idx_files
 from soda_backdoor.cli.main import main
-from soda_backdoor.workflow import PipelineConfig, load_context, open_model, run_pipeline
+from soda_backdoor.workflow import PipelineConfig, load_context, run_pipeline
 
 SOURCE, TARGET = 0, 2
 

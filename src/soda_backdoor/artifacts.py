@@ -15,7 +15,7 @@ import torch
 
 from .analysis import NeuronEffects
 from .errors import UserInputError
-from .reconstruction import Reconstruction
+from .reconstruction import Reconstruction, split_samples
 from .utils import write_atomic
 
 
@@ -63,6 +63,10 @@ class SampleSet:
     target: int
     fingerprint: str | None = None
     origin: str = "samples"
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(repair half, held-out half) (:func:`soda_backdoor.reconstruction.split_samples`)."""
+        return split_samples(self.samples)
 
     @classmethod
     def from_reconstruction(cls, rec: Reconstruction, fingerprint: str | None = None) -> SampleSet:

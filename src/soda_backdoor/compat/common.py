@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 # The study's --data_name values (and our own names) -> our dataset names.
 STUDY_DATA_NAMES = {"cifar10": "cifar10", "fmnist": "fmnist", "gtsrb": "gtsrb", "mnistm": "mnistm",

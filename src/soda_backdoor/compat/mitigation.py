@@ -364,10 +364,10 @@ def option_test(ctx: Context) -> int:
     import numpy as np
     import torch
 
-    from soda_backdoor.workflow import evaluate
+    from soda_backdoor import workflow
 
     args = ctx.args
-    res = evaluate(ctx.model, ctx.data(0), ctx.device).to_dict()
+    res = workflow.evaluate(ctx.model, ctx.data(0), ctx.device).to_dict()
     rasr = None
     if args.test_reverse:
         _require(args, "poison_target")
@@ -377,9 +377,7 @@ def option_test(ctx: Context) -> int:
         samples = np.load(path, allow_pickle=False)
         if samples.ndim != 4 or len(samples) == 0:
             raise CompatError(f"{path}: expected a non-empty N x C x H x W array, got shape {samples.shape}")
-        with torch.no_grad():
-            pred = ctx.model.module(torch.from_numpy(samples).float().to(ctx.device)).argmax(1)
-        rasr = float((pred == args.poison_target).float().mean())
+        rasr = workflow.rasr(ctx.model.module, torch.from_numpy(samples).float().to(ctx.device), args.poison_target)
         res["rasr"] = rasr
     print("PoisonACC \t RPoisonACC \t CleanACC")
     print(f"{res['asr']:.4f} \t {rasr if rasr is not None else 0:.4f} \t {res['acc']:.4f}")

@@ -89,8 +89,13 @@ class Reconstruction:
         return len(self.samples)
 
     def split(self) -> tuple[Tensor, Tensor]:
-        """(repair half, held-out half): every other kept sample, so both halves are alike."""
-        return self.samples[0::2], self.samples[1::2]
+        """(repair half, held-out half) of the kept samples (:func:`split_samples`)."""
+        return split_samples(self.samples)
+
+
+def split_samples(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """(repair half, held-out half): every other sample, so both halves are alike (docs/method.md §2.4)."""
+    return samples[0::2], samples[1::2]
 
 
 def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, source: int, target: int,

@@ -87,8 +87,7 @@ def outstanding_neurons(attribution_to_target: Tensor, top: float) -> Tensor:
     Shape:
         attribution_to_target: ``(n,)``; returns a float mask ``(n,)``.
     """
-    if not 0.0 < top <= 1.0:
-        raise ValueError(f"top must be in (0, 1], got {top}")
+    check_interval("top", top, 0.0, 1.0, low_open=True)
     n = attribution_to_target.numel()
     k = max(1, int(round(top * n)))
     mask = torch.zeros(n)

@@ -112,8 +112,8 @@ def reconstruct(model: LoadedModel, ctx: DataContext, source: int, target: int,
     return ReconstructReport(rec, model_fingerprint(model.module))
 
 
-def _rasr(module: torch.nn.Module, x: torch.Tensor, target: int) -> float:
-    """R-ASR: fraction of (held-out reconstructed) samples the model sends to ``target``."""
+def rasr(module: torch.nn.Module, x: torch.Tensor, target: int) -> float:
+    """R-ASR: the fraction of (held-out reconstructed, normalised) samples ``x`` sent to ``target``."""
     with torch.no_grad():
         return float((module(x).argmax(1) == target).float().mean())
 
@@ -134,11 +134,10 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     module, meta = model.module, model.meta
     check_pair(source, target, ctx.data.num_classes)
     samples.check(source, target, model_fingerprint(module), tuple(ctx.data.x_train.shape[1:]))
-    recon = samples.samples.to(device)
-    x_fix, x_hold = recon[0::2], recon[1::2]
+    x_fix, x_hold = (x.to(device) for x in samples.split())
     ref = parse_layer(module, layer)
     before = evaluate(model, ctx, device)
-    rasr_before = _rasr(module, x_hold, target)
+    rasr_before = rasr(module, x_hold, target)
     if config.top < 1.0:
         inputs = class_inputs(ctx, meta, num_samples, torch.device(device))
         effects = compute_neuron_effects(module, ref, {source: inputs[source]}, AttributionConfig(num_samples=num_samples))
@@ -152,7 +151,7 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     y_clean = ctx.data.y_train[dfd].to(device)
     result = repair_model(module, ref, attribution, x_clean, y_clean, x_fix, source, target, config, progress)
     after = evaluate(model, ctx, device)
-    rasr_after = _rasr(module, x_hold, target)
+    rasr_after = rasr(module, x_hold, target)
     note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
             f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples")
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
