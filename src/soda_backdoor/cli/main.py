@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from dataclasses import replace
 from typing import Sequence
 
-from ..detection.detector import SOURCE_RULES
 from ..errors import UserInputError, build_config
 
 EXAMPLES = """examples:
@@ -83,8 +83,8 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per forward pass of the rest of the network")
     g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 4.5)")
     g.add_argument("--tau-source", type=float, default=None, help="MAD threshold reported for sources (default 2.0)")
-    g.add_argument("--source-rule", default=None, choices=list(SOURCE_RULES),
-                   help="how the source class is chosen (default fastest; mean_logit is the study's)")
+    g.add_argument("--source-rule", default=None, help="how the source class is chosen: fastest (default), "
+                   "one_way, mean_logit (the study's) or asymmetry; see docs/method.md section 2.3")
     g.add_argument("--effects", default=None, help="save the attribution matrices (.npz) here")
 
 
@@ -470,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    before = warnings.formatwarning
+    # a warning the user can act on is one line, like the errors
+    warnings.formatwarning = lambda message, *_a, **_k: f"soda {args.command}: warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except UserInputError as exc:
@@ -479,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("soda: interrupted\n")
         return 130
+    finally:
+        warnings.formatwarning = before
 
 
 if __name__ == "__main__":
