@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from soda_backdoor.cli.steps import load_context, open_model
+from soda_backdoor.workflow import load_context, open_model
 from soda_backdoor.data import normalize
 from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_inputs, reconstruct_one_by_one
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     ctx = load_context(a.dataset, None, None, None)
-    loaded = open_model(a.model, ctx, torch.device("cpu"))
+    loaded = open_model(a.model, ctx.data, torch.device("cpu"))
     idx = ctx.splits.clean_train[ctx.data.y_train[ctx.splits.clean_train] == a.source][:a.n]
     starts = normalize(ctx.data.x_train[idx], loaded.meta.mean, loaded.meta.std)
     cfg = ReconstructionConfig(steps=a.steps, num_keep=a.n, batch_size=a.n)

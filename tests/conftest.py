@@ -10,6 +10,22 @@ from pathlib import Path
 import pytest
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# In-process torch runs on this many threads (the CI machine is small and shared; oversubscribed
+# OpenMP threads make torch many times slower). Subprocesses get OMP_NUM_THREADS the same way.
+TEST_THREADS = int(os.environ.get("SODA_TEST_THREADS", "1"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """Every test runs with ``TEST_THREADS`` torch threads; the previous count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 # The default training (12 epochs over the full clean split): about 6 minutes per model on one
 # core. Shorter training leaves underfit models on which detection is not what users get.

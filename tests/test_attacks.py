@@ -13,9 +13,8 @@ from soda_backdoor.data.attacks import get_attack, list_attacks, load_attack_fil
 from soda_backdoor.data.datasets import load_dataset
 from soda_backdoor.data.splits import make_splits
 from soda_backdoor.errors import UserInputError
-from helpers import save_tiny_cnn, write_fmnist_idx
+from helpers import save_cnn, write_fmnist_idx
 
-torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -44,7 +43,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    return save_tiny_cnn(tmp_path_factory.mktemp("model") / "m.safetensors")
+    return save_cnn(tmp_path_factory.mktemp("model") / "m.safetensors")
 
 
 # ----------------------------------------------------------------------------- registry

@@ -20,7 +20,6 @@ import torch
 
 from soda_backdoor.audit import AUDIT_LOG, AuditConfig, audit_model, rows_html, run_audit, sort_rows
 from soda_backdoor.cli.main import main
-from soda_backdoor.cli.steps import run_detect
 from soda_backdoor.detection import DetectionConfig
 from soda_backdoor.models import ModelMeta, create_model, save_model
 from soda_backdoor.zoo.build import read_jsonl
@@ -32,6 +31,17 @@ GOOD = {"cnn0.safetensors": ("cnn", 0), "cnn1.safetensors": ("cnn", 1), "sub/len
 BAD = ("empty.pt", "text.pt", "passwd.pt", "truncated.safetensors", "evil.pt")
 # Fields that depend on when and where a model was audited, not on the model.
 VOLATILE = ("seconds", "detect_seconds", "data_seconds", "audited_at")
+
+
+def _soda_detect(path: Path, data_dir: Path) -> dict:
+    """What `soda detect --json` computes for a file, through the workflow layer."""
+    from soda_backdoor.data import load_dataset
+    from soda_backdoor.workflow import DataContext, detect, open_model, resolve_attack
+
+    data = load_dataset("fmnist", str(data_dir))
+    loaded = open_model(str(path), data, torch.device("cpu"))
+    ctx = DataContext.build(data, resolve_attack(data, None, None, loaded.meta, False), 0)
+    return detect(loaded, ctx, DetectionConfig(), None, "cpu", 0).to_dict()
 
 
 class _Evil:
@@ -116,8 +126,7 @@ def test_local_audit_matches_detect_and_isolates_bad_files(fleet, local_audit) -
     assert "could run code" in by_file["evil.pt"]["error"]
     for name, (arch, _) in GOOD.items():
         row = by_file[name]
-        ref = run_detect(str(fleet["models"] / name), "fmnist", str(fleet["data"]), None, None, DetectionConfig(), None,
-                         torch.device("cpu"), progress=False)
+        ref = _soda_detect(fleet["models"] / name, fleet["data"])
         assert row["error"] == "" and row["arch"] == arch
         assert row["verdict"] == ("backdoor" if ref["backdoor"] else "clean")
         assert row["pairs"] == [[p["source"], p["target"]] for p in ref["pairs"]]

@@ -24,12 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 TRAIN = str(ROOT / "train_backdoor_sem.py")
 MITIGATE = str(ROOT / "semantic_mitigation.py")
-sys.path.insert(0, str(ROOT))
 
-import semantic_mitigation  # noqa: E402
-import train_backdoor_sem  # noqa: E402
-
+from helpers import Evil  # noqa: E402
 from soda_backdoor.analysis import parse_layer  # noqa: E402
+from soda_backdoor.compat import mitigation as semantic_mitigation  # noqa: E402
+from soda_backdoor.compat import train as train_backdoor_sem  # noqa: E402
 from soda_backdoor.data import load_dataset  # noqa: E402
 from soda_backdoor.models import create_model, get_model_spec, list_models  # noqa: E402
 
@@ -37,17 +36,6 @@ DETECTION_LINE = re.compile(r"^(\[Detection\] potential source class: \d+, targe
                             r"No semantic backdoor detected!)$", re.M)
 # One thread: the machine is shared, and oversubscribed OpenMP threads make torch 10x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process steps run on one thread too (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +85,7 @@ DATA = ["--data_set=./data/FMNIST/fmnist.h5", "--data_name=FMNIST", "--num_class
         "--t_attack=tiny", "--output_dir=./save", "--data_dir=./data/FMNIST", "--poison_type=semantic"]
 
 
+@pytest.mark.slow  # about 80 s on 2 cores; test_four_steps_cnn_in_process covers the same steps fast
 def test_four_steps_resnet18_subprocess(tiny: Path, tmp_path: Path) -> None:
     cwd = _workdir(tiny, tmp_path)
     arch = ["--arch=resnet18", "--batch_size=20"]
@@ -188,17 +177,10 @@ def test_study_named_state_dict_loads(tiny: Path, tmp_path: Path, monkeypatch: p
     assert DETECTION_LINE.search(capsys.readouterr().out)
 
 
-class _Evil:
-    """Unpickling this runs ``touch MARKER``."""
-
-    def __reduce__(self):
-        return (os.system, ("touch MARKER",))
-
-
 @pytest.mark.parametrize("load_type", ["model", "state_dict"])
 def test_malicious_pickle_does_not_run(tiny: Path, tmp_path: Path, load_type: str) -> None:
     cwd = _workdir(tiny, tmp_path)
-    torch.save(_Evil(), cwd / "evil.th")
+    torch.save(Evil("touch MARKER"), cwd / "evil.th")
     r = _run(MITIGATE, ["--option=detect", f"--load_type={load_type}", "--in_model=evil.th", "--arch=cnn",
                         "--data_set=./data/FMNIST/fmnist.h5", "--data_name=FMNIST"], cwd)
     assert r.returncode == 2, (r.stdout, r.stderr)

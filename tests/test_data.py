@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -13,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import Evil, fmnist_idx_arrays, idx_bytes, tagged_images, write_idx_files
 from soda_backdoor.data.augment import augment, random_blend, random_crop, random_hflip
 from soda_backdoor.data.datasets import denormalize, get_dataset_spec, load_dataset, normalize, read_idx
 from soda_backdoor.errors import UserInputError
 
-torch.set_num_threads(1)
 
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -25,36 +23,10 @@ IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 # ----------------------------------------------------------------------------- helpers
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    """The idx encoding of a uint8 array."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
-
-
-def tagged_images(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Random uint8 images whose first two pixels encode their index (so order can be checked)."""
-    x = np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
-    flat = x.reshape(n, -1)
-    flat[:, 0] = np.arange(n) % 256
-    flat[:, 1] = np.arange(n) // 256
-    return x
-
-
 def write_fmnist_idx(folder: Path, n_train: int = 50, n_test: int = 30, gz: bool = False) -> dict[str, np.ndarray]:
-    """A tiny Fashion-MNIST in idx format (labels cycle 0..9); returns the arrays written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train-images-idx3-ubyte": tagged_images(n_train, (28, 28), seed=1),
-        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
-        "t10k-images-idx3-ubyte": tagged_images(n_test, (28, 28), seed=2),
-        "t10k-labels-idx1-ubyte": ((np.arange(n_test) + 3) % 10).astype(np.uint8),
-    }
-    for stem, arr in arrays.items():
-        data = idx_bytes(arr)
-        if gz:
-            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / stem).write_bytes(data)
+    """A tiny tagged Fashion-MNIST in idx format; returns the arrays written."""
+    arrays = fmnist_idx_arrays(n_train, n_test, tagged=True)
+    write_idx_files(folder, arrays, gz)
     return arrays
 
 
@@ -209,19 +181,11 @@ def test_cifar_missing_batch(tmp_path: Path) -> None:
         load_dataset("cifar10", tmp_path)
 
 
-class _Evil:
-    def __init__(self, cmd: str) -> None:
-        self.cmd = cmd
-
-    def __reduce__(self):
-        return (os.system, (self.cmd,))
-
-
 @pytest.mark.parametrize("where", ["top", "inside"])
 def test_cifar_unpickler_refuses_code(tmp_path: Path, where: str) -> None:
     write_cifar(tmp_path)
     marker = tmp_path / "PWNED"
-    evil = _Evil(f"touch {marker}")
+    evil = Evil(f"touch {marker}")
     payload = evil if where == "top" else {b"data": evil, b"labels": [0]}
     for protocol in (2, pickle.DEFAULT_PROTOCOL):
         (tmp_path / "data_batch_3").write_bytes(pickle.dumps(payload, protocol=protocol))

@@ -71,7 +71,7 @@ def test_pipeline_audit_repairs_and_resumes(real_models, tmp_path, capsys):
     run_dir = tmp_path / "run"
     # no --attack: the model's own attack (from its metadata) is the one evaluated
     args = ["run", "--model", str(real_models["stripet"]), "--out-dir", str(run_dir),
-            "--quiet", "--steps", "300", "--num-keep", "40"]
+            "--quiet", "--recon-steps", "300", "--num-keep", "40"]
     assert main(args) == 0
     summary = _json(run_dir / "summary.json")
     assert summary["before"]["attack"] == "stripet" and summary["before"]["n_semantic"] == 18

@@ -20,9 +20,8 @@ from soda_backdoor.cli.main import main
 from soda_backdoor.data.attacks import REQUIRED_FIELDS, load_attack_file, validate_attack
 from soda_backdoor.data.datasets import load_dataset
 from soda_backdoor.errors import UserInputError
-from helpers import idx_bytes, save_tiny_cnn, write_fmnist_idx
+from helpers import idx_bytes, save_cnn, write_fmnist_idx
 
-torch.set_num_threads(1)
 
 FUZZ = settings(max_examples=50, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -52,7 +51,7 @@ def tiny_data(tiny: Path):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    return save_tiny_cnn(tmp_path_factory.mktemp("model") / "m.safetensors")
+    return save_cnn(tmp_path_factory.mktemp("model") / "m.safetensors")
 
 
 def _fresh_dir(base: Path, name: str) -> Path:

@@ -20,29 +20,16 @@ import torch
 
 import soda_backdoor
 from soda_backdoor.cli.main import main
-from soda_backdoor.cli.steps import model_fingerprint
+from soda_backdoor.artifacts import model_fingerprint
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.models import ModelMeta, create_model, load_model, save_model
 from soda_backdoor.utils import write_atomic
-from helpers import write_fmnist_idx
+from helpers import Evil, save_cnn, write_fmnist_idx
 
-torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-
-
-def save_cnn(path: Path, seed: int = 0, num_classes: int = 10, in_channels: int = 1,
-             nan: bool = False) -> Path:
-    torch.manual_seed(seed)
-    module = create_model("cnn", num_classes, in_channels, 28)
-    if nan:
-        with torch.no_grad():
-            next(module.parameters()).view(-1)[0] = float("nan")
-    save_model(path, module, ModelMeta(arch="cnn", num_classes=num_classes, in_channels=in_channels, input_size=28,
-                                       mean=(0.0,) * in_channels, std=(1.0,) * in_channels, dataset="fmnist"))
-    return path
 
 
 def one_line_error(capsys, rc: int, command: str, progress_ok: bool = False) -> str:
@@ -104,27 +91,17 @@ def _data(tiny: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- 1. malicious pickles
 
-class _Evil:
-    """Unpickling this runs ``touch MARKER``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, ("touch " + str(self.marker),))
-
-
 @pytest.fixture(params=["torch_save", "plain_pickle", "in_state_dict"])
 def evil(request, tmp_path: Path) -> tuple[Path, Path]:
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.th"
     if request.param == "torch_save":
-        torch.save(_Evil(marker), path)
+        torch.save(Evil(f"touch {marker}"), path)
     elif request.param == "plain_pickle":
         with open(path, "wb") as fh:
-            pickle.dump(_Evil(marker), fh)
+            pickle.dump(Evil(f"touch {marker}"), fh)
     else:  # a state_dict-looking dict with the payload inside
-        torch.save({"conv1.weight": torch.zeros(1), "extra": _Evil(marker)}, path)
+        torch.save({"conv1.weight": torch.zeros(1), "extra": Evil(f"touch {marker}")}, path)
     return path, marker
 
 

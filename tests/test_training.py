@@ -14,7 +14,6 @@ from soda_backdoor.models.cnn import SmallCNN
 from soda_backdoor.training import TrainConfig, train_model
 from helpers import write_fmnist_idx
 
-torch.set_num_threads(1)
 
 
 def _train(folder: Path, config: TrainConfig) -> dict[str, torch.Tensor]:

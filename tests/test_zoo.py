@@ -8,7 +8,6 @@ from torch import nn
 
 from soda_backdoor.models.registry import create_model, get_model_spec, list_models
 
-torch.set_num_threads(2)
 
 SHAPES = [(1, 28), (3, 32)]  # (in_channels, input_size): Fashion-MNIST-like and CIFAR-like
 

@@ -2,10 +2,13 @@
 
 One function per step of the tool, plain tensors in and dataclasses out:
 
-- :func:`soda_backdoor.training.train_model` plants a semantic backdoor (SPEC 2.6);
-- :func:`soda_backdoor.detection.detect_backdoor` finds (source, target) (SPEC 2.1-2.3);
-- :func:`soda_backdoor.reconstruction.reconstruct_inputs` synthesises infected samples (SPEC 2.4);
-- :func:`soda_backdoor.repair.repair_model` removes the backdoor (SPEC 2.5).
+- :func:`soda_backdoor.training.train_model` plants a semantic backdoor (docs/method.md §2.6);
+- :func:`soda_backdoor.detection.detect_backdoor` finds (source, target) (§2.1-2.3);
+- :func:`soda_backdoor.reconstruction.reconstruct_inputs` synthesises infected samples (§2.4);
+- :func:`soda_backdoor.repair.repair_model` removes the backdoor (§2.5).
+
+:mod:`soda_backdoor.workflow` runs these as the tool's steps on loaded models and data, with
+typed reports, and :func:`soda_backdoor.workflow.run_pipeline` runs the whole job.
 
 Model files are read with :func:`load_model`, which never runs code stored in a file.
 """

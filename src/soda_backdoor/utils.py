@@ -110,8 +110,8 @@ def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def cpu_channels_last(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """On the CPU, hold 4-d weights in channels-last layout for the duration; restore them after.
 
-    oneDNN convolutions and max-pooling run 1.5x to 3x faster in channels-last on the CPU
-    (see docs/benchmarks.md). On exit the original parameter tensors are put back, holding
+    oneDNN convolutions and max-pooling are faster in channels-last on the CPU (timings:
+    docs/benchmarks.md). On exit the original parameter tensors are put back, holding
     the current values (so updates made inside are kept); nothing changes for a model on
     another device or without 4-d weights.
     """

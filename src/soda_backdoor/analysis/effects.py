@@ -1,4 +1,4 @@
-"""Causal attribution of hidden neurons to the logits (SPEC 2.1).
+"""Causal attribution of hidden neurons to the logits (docs/method.md §2.1).
 
 For each analysed class c and neuron i we intervene ``do(h_i := h_i + delta)`` at the
 analysis layer and measure ``A_c[i, k] = mean_x |g(h)_k - g(h + delta e_i)_k|``.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import check_at_least, check_finite
 from ..utils import cpu_channels_last, eval_mode
 from .fold import Fold, find_fold, run_tail, trace_downstream
 from .hooks import LayerRef, activations, intervene
@@ -42,9 +43,8 @@ class AttributionConfig:
         num_samples: clean samples per class (at most).
         chunk_size: rows (neurons x samples) per forward pass of the rest of the network.
         forward_batch: samples per forward pass when the activations at the layer are
-            recorded. Small batches keep the intermediate maps in the CPU cache: on ``cnn``
-            (2 cores) 10 x 256 samples take 0.12 s in batches of 64 against 0.29 s in
-            batches of 256 (docs/benchmarks.md).
+            recorded. Small batches keep the intermediate maps in the CPU cache (timings:
+            docs/benchmarks.md).
         exact_affine: fold the affine modules that follow the layer into one response per
             neuron (exact; see :mod:`.fold`). When the whole rest of the network is affine
             (the default layer: the input of the final Linear) this is the closed form
@@ -56,6 +56,12 @@ class AttributionConfig:
     chunk_size: int = 1024
     forward_batch: int = 64
     exact_affine: bool = True
+
+    def __post_init__(self) -> None:
+        check_finite("delta", self.delta, positive=True)
+        check_at_least("num_samples", self.num_samples, 1)
+        check_at_least("chunk_size", self.chunk_size, 1)
+        check_at_least("forward_batch", self.forward_batch, 1)
 
 
 @dataclass(frozen=True)

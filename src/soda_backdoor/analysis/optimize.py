@@ -1,4 +1,4 @@
-"""Batched input optimisation shared by reconstruction (SPEC 2.4) and source detection.
+"""Batched input optimisation shared by reconstruction (docs/method.md §2.4) and source detection.
 
 Each row of a batch is optimised independently with SGD (momentum, weight decay) on
 ``-f(x)_t + reg * mean(x^2)``, with its own target and its own early stop.

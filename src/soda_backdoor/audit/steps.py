@@ -1,74 +1,91 @@
-"""The audit's only link to the tool's steps (``cli.steps``): detect and repair one model file.
+"""The audit's link to the workflow layer: detect and repair one model file.
 
-Kept in one small module so that these calls can be pointed at the workflow layer when it
-replaces ``cli.steps``. Detection here is ``run_detect`` with the data context passed in instead
-of loaded per call; ``tests/test_audit.py`` checks that both give the same result.
+Detection here is exactly `soda detect` on the file (the same data context, the same
+:func:`soda_backdoor.workflow.detect`), with the data context loaded once per worker instead
+of once per model; ``tests/test_audit.py`` checks that both give the same result.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..analysis import parse_layer
-from ..cli.steps import DataContext, _attack_for, class_inputs, load_context, open_model, run_reconstruct, run_repair
+from ..artifacts import SampleSet, save_reconstruction
 from ..data import Dataset, get_attack
-from ..data.splits import make_splits
-from ..detection import DetectionConfig, detect_backdoor
+from ..detection import DetectionConfig
 from ..errors import UserInputError
+from ..models import save_model
 from ..reconstruction import ReconstructionConfig
 from ..repair import RepairConfig
-from ..utils import seed_everything
+from ..workflow import DataContext, detect, load_context, open_model, reconstruct, repair
 
 __all__ = ["DataContext", "attack_for", "context_from_data", "detect_in_context", "load_context", "repair_pair"]
 
 
 def attack_for(path: str, attack: str | None, attack_file: str | None) -> str | None:
-    """The attack whose semantic samples ``soda detect`` keeps out of the clean data for this file."""
-    return _attack_for(path, attack, attack_file)
+    """The attack whose semantic samples `soda detect` keeps out of the clean data for this file.
+
+    Given, else the one its metadata names when the registry knows it (as
+    :func:`soda_backdoor.workflow.resolve_attack` does for detection: an unknown one is
+    treated as clean, with a warning).
+    """
+    if attack is not None or attack_file is not None:
+        return attack
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            name = json.loads((fh.metadata() or {}).get("soda_backdoor", "{}")).get("attack")
+    except Exception:  # noqa: BLE001 - no readable metadata: nothing to keep out
+        return None
+    if not name or str(name).lower() in ("none", "clean"):
+        return None
+    try:
+        get_attack(name)
+    except UserInputError:
+        warnings.warn(f"{path}: the metadata names attack {name!r}, which is not in the registry; its semantic "
+                      "samples cannot be kept out of the clean data", stacklevel=2)
+        return None
+    return name
 
 
 def context_from_data(data: Dataset, attack: str | None, attack_file: str | None, seed: int = 0) -> DataContext:
     """``load_context`` on a dataset already in memory (Ray: fetched from the object store)."""
-    atk = get_attack(attack, data.spec.name, attack_file)
-    if atk is not None and atk.dataset != data.spec.name:
-        raise UserInputError(f"attack {atk.name!r} is defined on {atk.dataset}, not {data.spec.name}")
-    return DataContext(data, atk, make_splits(data, atk, seed))
+    return DataContext.build(data, get_attack(attack, data.spec.name, attack_file), seed)
 
 
 def detect_in_context(path: str, ctx: DataContext, config: DetectionConfig, layer: str | None,
                       device: torch.device, seed: int = 0, arch: str | None = None) -> dict[str, Any]:
-    """What ``run_detect`` returns for ``path``, with the data context given."""
-    t0 = time.perf_counter()
-    seed_everything(seed)
-    loaded = open_model(path, ctx, device, arch)
-    ref = parse_layer(loaded.module, layer)
-    inputs = class_inputs(ctx, loaded.meta, config.attribution.num_samples, device)
-    result, _ = detect_backdoor(loaded.module, ref, inputs, ctx.data.num_classes, config, False)
-    out = result.to_dict()
-    out["seconds"] = time.perf_counter() - t0
-    out["analysis_seconds"] = result.seconds
+    """What `soda detect --json` writes for ``path``, with the data context given."""
+    loaded = open_model(path, ctx.data, device, arch)
+    out = detect(loaded, ctx, config, layer, device, seed).to_dict()
     out["model"] = str(path)
-    out["class_names"] = list(ctx.data.spec.class_names)
     out["arch"] = loaded.meta.arch
     return out
 
 
 def repair_pair(path: str, dataset: str, data_dir: str | None, attack: str | None, attack_file: str | None,
-                source: int, target: int, out_dir: Path, recon: ReconstructionConfig, repair: RepairConfig,
+                source: int, target: int, out_dir: Path, recon: ReconstructionConfig, repair_config: RepairConfig,
                 device: torch.device, seed: int = 0, arch: str | None = None,
                 layer: str | None = None) -> dict[str, Any]:
-    """``soda reconstruct`` then ``soda repair`` for one flagged pair; files go to ``out_dir``."""
+    """`soda reconstruct` then `soda repair` for one flagged pair; files go to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = attack_for(path, attack, attack_file)
+    ctx = load_context(dataset, data_dir, name, attack_file, seed)
+    loaded = open_model(path, ctx.data, device, arch)
+    rec = reconstruct(loaded, ctx, source, target, recon, device, seed)
     samples = out_dir / f"samples-{source}-{target}.npz"
-    rec = run_reconstruct(path, dataset, data_dir, attack, attack_file, source, target, recon, str(samples), device,
-                          seed, arch, progress=False)
-    if rec["kept"] < 2:
-        raise UserInputError(f"reconstruction kept {rec['kept']} sample(s) for {source} -> {target}; "
+    save_reconstruction(samples, rec.reconstruction, rec.fingerprint)
+    if rec.reconstruction.kept < 2:
+        raise UserInputError(f"reconstruction kept {rec.reconstruction.kept} sample(s) for {source} -> {target}; "
                              "repair needs at least 2")
-    rep = run_repair(path, dataset, data_dir, attack, attack_file, source, target, str(samples), repair,
-                     str(out_dir / "repaired.safetensors"), device, layer, arch=arch, progress=False)
-    return {"reconstruct": rec, "repair": rep}
+    ctx = load_context(dataset, data_dir, name, attack_file, repair_config.seed)
+    rep = repair(loaded, ctx, source, target, SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint),
+                 repair_config, layer, device)
+    save_model(out_dir / "repaired.safetensors", rep.model.module, rep.model.meta)
+    rec_dict = {**rec.to_dict(), "samples": str(samples)}
+    return {"reconstruct": rec_dict, "repair": {**rep.to_dict(), "model": str(out_dir / "repaired.safetensors")}}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
+from dataclasses import replace
 from typing import Sequence
 
-from ..errors import UserInputError
+from ..errors import UserInputError, build_config
 
 EXAMPLES = """examples:
   soda train --dataset fmnist --attack stripet --arch cnn --seed 0 --out m.safetensors
@@ -34,6 +36,28 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Deprecated(argparse.Action):
+    """Store like the option it aliases; an old spelling prints a one-line warning."""
+
+    def __init__(self, option_strings, dest, deprecated=(), **kwargs):
+        self.deprecated = tuple(deprecated)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated:
+            sys.stderr.write(f"{parser.prog}: warning: {option_string} is deprecated; use {self.option_strings[0]}\n")
+        setattr(namespace, self.dest, values)
+
+
+def _option(g, new: str, old: str, prefer_new: bool, **kwargs) -> None:
+    """``--new`` and ``--old`` for one setting; in ``soda run`` the old spelling is deprecated."""
+    names = [new, old] if prefer_new else [old, new]
+    if prefer_new:
+        kwargs["help"] = f"{kwargs['help']} (old spelling {old}, deprecated)"
+    g.add_argument(*names, dest=old.lstrip("-").replace("-", "_"), action=_Deprecated, metavar="N",
+                   deprecated=(old,) if prefer_new else (), **kwargs)
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True, model: bool = False) -> None:
     g = p.add_argument_group("common")
     if model:
@@ -43,7 +67,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True, model: bool = False) 
         g.add_argument("--dataset", default="fmnist", help="dataset name: fmnist, cifar10, gtsrb, mnistm, mnist")
         g.add_argument("--data-dir", default=None, help="folder or file with the dataset (default: standard places)")
         g.add_argument("--attack", default=None, help="semantic attack name from the registry, or 'none' "
-                       "(default for a given model: the attack in its metadata)")
+                       "(default for a given model: the attack in its metadata; only evaluation and repair "
+                       "need it)")
         g.add_argument("--attack-file", default=None, help="JSON file of attacks (schema of semantic_attacks.json)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="random seed")
@@ -60,24 +85,27 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per forward pass of the rest of the network")
     g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 4.5)")
     g.add_argument("--tau-source", type=float, default=None, help="MAD threshold reported for sources (default 2.0)")
-    g.add_argument("--source-rule", default=None, choices=["fastest", "one_way", "mean_logit", "asymmetry"],
-                   help="how the source class is chosen (default fastest; mean_logit is the study's)")
+    g.add_argument("--source-rule", default=None, help="how the source class is chosen: fastest (default), "
+                   "one_way, mean_logit (the study's) or asymmetry; see docs/method.md section 2.3")
     g.add_argument("--effects", default=None, help="save the attribution matrices (.npz) here")
 
 
-def _recon_args(p: argparse.ArgumentParser) -> None:
+def _recon_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
     g = p.add_argument_group("reconstruction")
-    g.add_argument("--steps", type=int, default=2000, help="max optimisation steps per sample (study --epoch)")
+    _option(g, "--recon-steps", "--steps", prefixed, type=int, default=2000,
+            help="max optimisation steps per sample (study --epoch)")
     g.add_argument("--recon-lr", type=float, default=0.1, help="learning rate of the input optimisation")
     g.add_argument("--recon-reg", type=float, default=0.9, help="weight of mean(x^2) (study --reg)")
-    g.add_argument("--threshold", type=float, default=0.99, help="stop once the target probability reaches this")
+    _option(g, "--recon-threshold", "--threshold", prefixed, type=float, default=0.99,
+            help="stop once the target probability reaches this")
     g.add_argument("--num-keep", type=int, default=100, help="samples to keep (study --num_sample)")
-    g.add_argument("--batch-size", type=int, default=128, help="starts optimised at once")
+    _option(g, "--recon-batch", "--batch-size", prefixed, type=int, default=128, help="starts optimised at once")
 
 
 def _repair_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("repair")
-    g.add_argument("--top", type=float, default=1.0, help="fraction of neurons kept by the mask (1.0: no mask)")
+    g.add_argument("--top", type=float, default=1.0, help="fraction of neurons kept by a mask (default 1.0: no "
+                   "mask, every neuron is fine-tuned)")
     g.add_argument("--repair-epochs", type=int, default=5, help="fine-tuning epochs over the clean subset")
     g.add_argument("--repair-lr", type=float, default=0.001, help="fine-tuning learning rate")
     g.add_argument("--repair-reg", type=float, default=0.01, help="weight of -CE(reconstructed, target)")
@@ -85,40 +113,45 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
                    "(default: frozen)")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--arch", default="cnn", help="architecture (see `soda models`)")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (default 12)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default 0.05)")
+    _option(g, "--train-epochs", "--epochs", prefixed, type=int, default=None, help="epochs (default 12)")
+    _option(g, "--train-lr", "--lr", prefixed, type=float, default=None, help="learning rate (default 0.05)")
     g.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr x0.1 (default 50%%, 75%%)")
     g.add_argument("--ratio", type=float, default=0.3125, help="poisoned fraction of each batch")
-    g.add_argument("--batch", type=int, default=64, help="batch size")
+    _option(g, "--train-batch", "--batch", prefixed, type=int, default=64, help="batch size")
     g.add_argument("--source-blend", type=float, default=None,
                    help="blend each poisoned sample with a random clean source-class sample, with a weight "
                         "up to this (0 = off, the study's recipe; default 0.5)")
     g.add_argument("--init", default=None, help="fine-tune this checkpoint instead of training from scratch (semtune)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="soda", description="SODA: detect and remove semantic backdoors in image classifiers.",
-                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+# ----------------------------------------------------------------------------- subcommands
+# Each subcommand registers itself in one function: flags, then set_defaults(func=...).
 
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a semantic-backdoored (or clean) model")
     _common(p)
     _train_args(p)
     p.add_argument("--out", required=True, help="output model file (.safetensors)")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="clean accuracy and attack success rate")
     _common(p, model=True)
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_detect(sub) -> None:
     p = sub.add_parser("detect", help="is there a semantic backdoor, and which classes?")
     _common(p, model=True)
     _detect_args(p)
     p.set_defaults(func=_cmd_detect)
 
+
+def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="synthesise source-class inputs the model sends to the target")
     _common(p, model=True)
     p.add_argument("--source", type=int, required=True)
@@ -128,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recon_args(p)
     p.set_defaults(func=_cmd_reconstruct)
 
-    p = sub.add_parser("repair", help="remove the backdoor by masked fine-tuning")
+
+def _add_repair(sub) -> None:
+    p = sub.add_parser("repair", help="remove the backdoor by fine-tuning on reconstructed samples",
+                       description="Fine-tune the model on a clean defender subset plus reconstructed samples "
+                                   "pushed away from the target. By default every neuron is tuned (no mask); "
+                                   "--top < 1 tunes only that fraction of the neurons at --layer.")
     _common(p, model=True)
     p.add_argument("--source", type=int, required=True)
     p.add_argument("--target", type=int, required=True)
@@ -138,43 +176,72 @@ def build_parser() -> argparse.ArgumentParser:
     _repair_args(p)
     p.set_defaults(func=_cmd_repair)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="the whole pipeline: train -> detect -> reconstruct -> repair -> report")
     _common(p)
-    _train_args(p)
+    _train_args(p, prefixed=True)
     _detect_args(p)
-    _recon_args(p)
+    _recon_args(p, prefixed=True)
     _repair_args(p)
     p.add_argument("--model", default=None, help="audit this model instead of training one")
     p.add_argument("--out-dir", default=None, help="run folder (default runs/default)")
     p.add_argument("--force", action="store_true", help="redo every step even if its results are current")
     p.set_defaults(func=_cmd_run)
 
+
+
+def _add_zoo(sub) -> None:
     from .zoo import add_zoo_parser
 
     add_zoo_parser(sub, _Parser, _common, _detect_args)
+
+
+def _add_audit(sub) -> None:
     from .audit import add_audit_parser
 
     add_audit_parser(sub, _Parser, _common, _detect_args, _recon_args, _repair_args)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="re-render DIR/report.html from a run folder")
     p.add_argument("dir", help="run folder written by `soda run`")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_layers(sub) -> None:
     p = sub.add_parser("layers", help="list the layer names of a model")
     p.add_argument("--model", required=True)
     p.add_argument("--arch", default=None)
     p.add_argument("--dataset", default=None)
     p.set_defaults(func=_cmd_layers)
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=_cmd_models)
 
+
+def _add_attacks(sub) -> None:
     p = sub.add_parser("attacks", help="list the shipped semantic attacks")
     p.set_defaults(func=_cmd_attacks)
+
+
+SUBCOMMANDS = (_add_train, _add_evaluate, _add_detect, _add_reconstruct, _add_repair, _add_run, _add_zoo, _add_audit,
+               _add_report,
+               _add_layers, _add_models, _add_attacks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="soda", description="SODA: detect and remove semantic backdoors in image classifiers.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- flags -> configs
 
 def _device(args):
     from ..utils import resolve_device
@@ -194,153 +261,181 @@ def _detection_config(args):
     from ..analysis import AttributionConfig
     from ..detection import DetectionConfig
 
-    if args.num_samples < 1:
-        raise UserInputError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.chunk_size < 1:
-        raise UserInputError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     base = DetectionConfig()
-    return DetectionConfig(tau_target=base.tau_target if args.tau_target is None else args.tau_target,
-                           tau_source=base.tau_source if args.tau_source is None else args.tau_source,
-                           source_rule=args.source_rule or base.source_rule,
-                           attribution=AttributionConfig(num_samples=args.num_samples, chunk_size=args.chunk_size))
+    attribution = build_config(AttributionConfig, {"num_samples": "--num-samples", "chunk_size": "--chunk-size"},
+                         num_samples=args.num_samples, chunk_size=args.chunk_size)
+    return build_config(DetectionConfig, {"tau_target": "--tau-target", "tau_source": "--tau-source",
+                                    "source_rule": "--source-rule"},
+                  tau_target=base.tau_target if args.tau_target is None else args.tau_target,
+                  tau_source=base.tau_source if args.tau_source is None else args.tau_source,
+                  source_rule=args.source_rule or base.source_rule, attribution=attribution)
 
 
 def _recon_config(args):
     from ..reconstruction import ReconstructionConfig
 
-    for name in ("steps", "num_keep", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.threshold <= 1:
-        raise UserInputError(f"--threshold must be in (0, 1], got {args.threshold}")
-    return ReconstructionConfig(steps=args.steps, lr=args.recon_lr, reg=args.recon_reg, threshold=args.threshold,
-                                num_keep=args.num_keep, batch_size=args.batch_size)
+    run = args.command == "run"
+    flags = {"steps": "--recon-steps" if run else "--steps", "lr": "--recon-lr", "reg": "--recon-reg",
+             "threshold": "--recon-threshold" if run else "--threshold", "num_keep": "--num-keep",
+             "batch_size": "--recon-batch" if run else "--batch-size"}
+    return build_config(ReconstructionConfig, flags, steps=args.steps, lr=args.recon_lr, reg=args.recon_reg,
+                  threshold=args.threshold, num_keep=args.num_keep, batch_size=args.batch_size)
 
 
 def _repair_config(args):
     from ..repair import RepairConfig
 
-    if not 0 < args.top <= 1:
-        raise UserInputError(f"--top must be in (0, 1], got {args.top}")
-    if args.repair_epochs < 1:
-        raise UserInputError("--repair-epochs must be at least 1")
-    return RepairConfig(top=args.top, epochs=args.repair_epochs, lr=args.repair_lr, reg=args.repair_reg,
-                        bn_train=args.bn_train, seed=args.seed)
+    flags = {"top": "--top", "epochs": "--repair-epochs", "lr": "--repair-lr", "reg": "--repair-reg"}
+    return build_config(RepairConfig, flags, top=args.top, epochs=args.repair_epochs, lr=args.repair_lr,
+                  reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed)
 
 
 def _train_config(args):
     from ..training import TrainConfig
     from ..training.train import default_milestones
 
+    run = args.command == "run"
+    flags = {"epochs": "--train-epochs" if run else "--epochs", "lr": "--train-lr" if run else "--lr",
+             "milestones": "--milestones", "ratio": "--ratio", "batch_size": "--train-batch" if run else "--batch",
+             "source_blend": "--source-blend"}
     base = TrainConfig()
     epochs = base.epochs if args.epochs is None else args.epochs
-    if epochs < 1:
-        raise UserInputError(f"--epochs must be at least 1, got {epochs}")
-    if not 0 <= args.ratio < 1:
-        raise UserInputError(f"--ratio must be in [0, 1), got {args.ratio}")
-    if args.batch < 2:
-        raise UserInputError("--batch must be at least 2")
-    blend = base.source_blend if args.source_blend is None else args.source_blend
-    if not 0 <= blend < 1:
-        raise UserInputError(f"--source-blend must be in [0, 1), got {blend}")
     milestones = tuple(args.milestones) if args.milestones is not None else (
         base.milestones if args.epochs is None else default_milestones(epochs))
-    return TrainConfig(epochs=epochs, lr=base.lr if args.lr is None else args.lr, milestones=milestones,
-                       ratio=args.ratio, batch_size=args.batch, source_blend=blend, seed=args.seed)
+    return build_config(TrainConfig, flags, epochs=epochs, lr=base.lr if args.lr is None else args.lr,
+                  milestones=milestones, ratio=args.ratio, batch_size=args.batch,
+                  source_blend=base.source_blend if args.source_blend is None else args.source_blend, seed=args.seed)
 
 
-def format_detection(res: dict) -> str:
-    """A readable table of the detection result."""
-    names = res.get("class_names") or []
-    label = lambda i: f"{i} ({names[i]})" if i < len(names) else str(i)  # noqa: E731
-    tt = res["target_test"]
-    folded = f", folded {res['folded']}" if res.get("folded") else ""
-    lines = [f"layer {res['layer']} ({res['attribution_method']}{folded}), target threshold {tt['threshold']:g}",
-             f"{'class':<18}{'target score':>13}{'anomaly':>10}"]
-    for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"])):
-        mark = "  <- target" if k in tt["flagged"] else ""
-        lines.append(f"{label(k):<18}{s:>13.4f}{a:>10.2f}{mark}")
-    for src in res["sources"]:
-        lines.append(f"source scores for target {label(src['target'])} (rule {src['rule']}):")
-        order = sorted(range(len(src["scores"])), key=lambda c: -src["scores"][c])
-        for c in order[:4]:
-            if c == src["target"]:
-                continue
-            lines.append(f"  {label(c):<16} score {src['scores'][c]:8.3f}  forward {src['forward'][c]:7.3f}  "
-                         f"reverse {src['reverse'][c]:7.3f}  mean target logit {src['mean_logit'][c]:7.3f}")
-    if res["backdoor"]:
-        pairs = ", ".join(f"{label(p['source'])} -> {label(p['target'])}" for p in res["pairs"])
-        lines.append(f"VERDICT: semantic backdoor detected: {pairs}")
-    else:
-        lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
-                     f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
-    return "\n".join(lines)
+def _model_and_context(args, required: bool, seed: int = 0):
+    """Load the model named by ``--model`` and the data context for ``--dataset`` / ``--attack``."""
+    from ..data import load_dataset
+    from ..workflow import DataContext, open_model, resolve_attack
+
+    device = _device(args)
+    data = load_dataset(args.dataset, args.data_dir)
+    loaded = open_model(args.model, data, device, args.arch)
+    attack = resolve_attack(data, args.attack, args.attack_file, loaded.meta, required)
+    return loaded, DataContext.build(data, attack, seed), device
 
 
 # ----------------------------------------------------------------------------- commands
 
 def _cmd_train(args) -> int:
-    from .steps import run_train
+    from ..models import get_model_spec, save_model
+    from ..workflow import load_context, open_model, train
 
     if not args.out.endswith(".safetensors"):
         raise UserInputError(f"--out must end in .safetensors, got {args.out}")
-    res = run_train(args.dataset, args.data_dir, args.attack or "none" if args.attack_file is None else args.attack,
-                    args.attack_file, args.arch, args.out, _train_config(args), _device(args), args.init,
-                    progress=not args.quiet)
+    config = _train_config(args)
+    get_model_spec(args.arch)
+    attack = args.attack or "none" if args.attack_file is None else args.attack
+    ctx = load_context(args.dataset, args.data_dir, attack, args.attack_file, config.seed)
+    device = _device(args)
+    init = open_model(args.init, ctx.data, device, args.arch) if args.init else None
+    rep = train(ctx, config, device, args.arch, init, args.init or "", progress=not args.quiet)
+    save_model(args.out, rep.model.module, rep.model.meta)
+    res = replace(rep, model_path=str(args.out)).to_dict()
     _emit(args, res, f"trained {res['arch']} on {res['dataset']} (attack {res['attack']}) in {res['seconds']:.0f}s: "
                      f"acc {res['acc']:.4f}, asr {res['asr']:.4f} -> {res['model']}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from .steps import run_evaluate
+    from ..workflow import evaluate
 
-    res = run_evaluate(args.model, args.dataset, args.data_dir, args.attack, args.attack_file, _device(args), args.arch)
+    loaded, ctx, device = _model_and_context(args, required=True)
+    res = evaluate(loaded, ctx, device).to_dict()
     _emit(args, res, f"acc {res['acc']:.4f} on {res['n_clean']} clean test samples, asr {res['asr']:.4f} on "
                      f"{res['n_semantic']} semantic samples (attack {res['attack']})")
     return 0
 
 
 def _cmd_detect(args) -> int:
-    from .steps import run_detect
+    from ..artifacts import save_effects
+    from ..reporting.text import format_detection
+    from ..workflow import detect
 
-    res = run_detect(args.model, args.dataset, args.data_dir, args.attack, args.attack_file, _detection_config(args),
-                     args.layer, _device(args), args.seed, args.arch, args.effects, progress=not args.quiet)
+    config = _detection_config(args)
+    loaded, ctx, device = _model_and_context(args, required=False)
+    rep = detect(loaded, ctx, config, args.layer, device, args.seed, progress=not args.quiet)
+    if args.effects:
+        save_effects(args.effects, rep.effects)
+    res = replace(rep, model_path=str(args.model)).to_dict()
     _emit(args, res, format_detection(res))
     return 0
 
 
 def _cmd_reconstruct(args) -> int:
-    from .steps import run_reconstruct
+    from ..artifacts import save_reconstruction
+    from ..workflow import reconstruct
 
+    config = _recon_config(args)
     png = args.png if args.png is not None else str(args.out).removesuffix(".npz") + ".png"
-    res = run_reconstruct(args.model, args.dataset, args.data_dir, args.attack, args.attack_file, args.source,
-                          args.target, _recon_config(args), args.out, _device(args), args.seed, args.arch, png,
-                          progress=not args.quiet)
+    loaded, ctx, device = _model_and_context(args, required=False, seed=args.seed)
+    rep = reconstruct(loaded, ctx, args.source, args.target, config, device, args.seed, progress=not args.quiet)
+    save_reconstruction(args.out, rep.reconstruction, rep.fingerprint)
+    if png:
+        from ..reporting.plots import plot_reconstructions
+
+        plot_reconstructions(rep.reconstruction, loaded.meta.mean, loaded.meta.std, png, ctx.data.spec.class_names)
+    res = replace(rep, samples_path=str(args.out), png_path=png or "").to_dict()
     _emit(args, res, f"kept {res['kept']} of {res['tried']} tried in {res['seconds']:.1f}s "
                      f"(mean {res['mean_steps']:.0f} steps) -> {res['samples']}, {res['png']}")
     return 0
 
 
 def _cmd_repair(args) -> int:
-    from .steps import run_repair
+    from ..artifacts import load_samples
+    from ..models import save_model
+    from ..reporting.text import format_repair
+    from ..workflow import repair
 
     if not args.out.endswith(".safetensors"):
         raise UserInputError(f"--out must end in .safetensors, got {args.out}")
-    res = run_repair(args.model, args.dataset, args.data_dir, args.attack, args.attack_file, args.source, args.target,
-                     args.samples, _repair_config(args), args.out, _device(args), args.layer, arch=args.arch,
-                     progress=not args.quiet)
-    _emit(args, res, f"{'':<8}{'before':>8}{'after':>8}\n{'ACC':<8}{res['acc_before']:>8.4f}{res['acc_after']:>8.4f}\n"
-                     f"{'ASR':<8}{res['asr_before']:>8.4f}{res['asr_after']:>8.4f}\n"
-                     f"{'R-ASR':<8}{res['rasr_before']:>8.4f}{res['rasr_after']:>8.4f}\n"
-                     f"repaired in {res['seconds']:.1f}s -> {res['model']}")
+    config = _repair_config(args)
+    loaded, ctx, device = _model_and_context(args, required=True, seed=config.seed)
+    rep = repair(loaded, ctx, args.source, args.target, load_samples(args.samples), config, args.layer, device, progress=not args.quiet)
+    save_model(args.out, rep.model.module, rep.model.meta)
+    res = replace(rep, model_path=str(args.out)).to_dict()
+    _emit(args, res, f"{format_repair(res)}\nrepaired in {res['seconds']:.1f}s -> {res['model']}")
     return 0
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import run_pipeline
+    from ..reporting.text import format_detection
+    from ..workflow import PipelineConfig, run_pipeline
+    from ..workflow.pipeline import DEFAULT_DIR
 
-    return run_pipeline(args)
+    config = PipelineConfig(out_dir=args.out_dir or DEFAULT_DIR, dataset=args.dataset, data_dir=args.data_dir,
+                            attack=args.attack, attack_file=args.attack_file, seed=args.seed, arch=args.arch,
+                            model=args.model, init=args.init, layer=args.layer, num_samples=args.num_samples,
+                            train=_train_config(args), detect=_detection_config(args),
+                            reconstruct=_recon_config(args), repair=_repair_config(args), device=args.device,
+                            force=args.force, progress=not args.quiet)
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def log_epoch(rec: dict) -> None:
+        print(f"  epoch {rec['epoch']}: loss {rec['loss']:.4f}, train acc {rec['train_acc']:.4f}",
+              file=sys.stderr, flush=True)
+
+    def show(step: str, result: dict) -> None:
+        if step == "detect":
+            print(format_detection(result), file=sys.stderr)
+
+    report = run_pipeline(config, say, log_epoch, show)
+    print(f"\n{report.verdict}")
+    rep = report.repair
+    if rep is not None:
+        print(f"repair: acc {rep['acc_before']:.4f} -> {rep['acc_after']:.4f}, asr {rep['asr_before']:.4f} -> "
+              f"{rep['asr_after']:.4f}, r-asr {rep['rasr_before']:.4f} -> {rep['rasr_after']:.4f}")
+    for r in report.steps:
+        print(f"  {r.step:<18}{r.seconds:>8.1f}s{'  (cached)' if r.cached else ''}")
+    print(f"report: {report.report_path}")
+    return 0
 
 
 def _cmd_report(args) -> int:
@@ -392,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    before = warnings.formatwarning
+    # a warning the user can act on is one line, like the errors
+    warnings.formatwarning = lambda message, *_a, **_k: f"soda {args.command}: warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except UserInputError as exc:
@@ -401,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("soda: interrupted\n")
         return 130
+    finally:
+        warnings.formatwarning = before
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The registry ships the original study's attacks (``semantic_attacks.json``) and synthetic
 Fashion-MNIST attacks chosen by image statistics (``synthetic_attacks.json``, written by
-``experiments/make_synthetic_attacks.py``), both package data. A user's own file of the same schema works the same way. Indices are positions in the dataset's
+``research/make_synthetic_attacks.py``), both package data. A user's own file of the same schema works the same way. Indices are positions in the dataset's
 standard distribution order.
 """
 

@@ -2,7 +2,7 @@
 
 Every loader returns a :class:`Dataset` with uint8 images in ``N x C x H x W`` and int64
 labels. Normalisation is not applied here: :func:`normalize` maps uint8 images to the model's
-input space with the dataset's mean and std (the study's preprocessing, hyperparams.md §H).
+input space with the dataset's mean and std (the study's preprocessing, docs/study_compat.md).
 
 Supported sources (``data_dir`` may be a folder or a file):
 
@@ -280,6 +280,16 @@ def _images_nchw(x: np.ndarray, channels: int, path: Path) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+# The study's HDF5 layouts (docs/study_compat.md): which keys, how images and labels are stored.
+H5_LAYOUTS = {
+    "fmnist": {"group": "data", "keys": ("x_train", "y_train", "x_test", "y_test"), "labels": "int"},
+    "mnist": {"group": "data", "keys": ("x_train", "y_train", "x_test", "y_test"), "labels": "int"},
+    "mnistm": {"group": "data", "keys": ("x_train", "y_train", "x_test", "y_test"), "labels": "int"},
+    "cifar10": {"group": None, "keys": ("X_train", "Y_train", "X_test", "Y_test"), "labels": "column"},
+    "gtsrb": {"group": None, "keys": ("X_train", "Y_train", "X_test", "Y_test"), "labels": "onehot"},
+}
+
+
 def load_h5(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read one of the study's HDF5 layouts (see module docstring)."""
     import h5py
@@ -307,6 +317,38 @@ def load_h5(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     xtr, ytr, xte, yte = arrays
     return (_images_nchw(xtr, channels, path), _labels(ytr, path),
             _images_nchw(xte, channels, path), _labels(yte, path))
+
+
+
+def write_h5(data: Dataset, dest: str | Path) -> dict[str, tuple[int, ...]]:
+    """Write ``data`` in the study's HDF5 layout for its dataset (:data:`H5_LAYOUTS`), atomically.
+
+    Returns:
+        The shape of each array written, by key.
+    """
+    import h5py
+
+    from ..utils import atomic_path
+
+    layout = H5_LAYOUTS[data.spec.name]
+    arrays = []
+    for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test)):
+        x = x.numpy()
+        x = x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)  # N,H,W (grey) or N,H,W,C (colour)
+        y = y.numpy().astype(np.int64)
+        if layout["labels"] == "column":
+            y = y[:, None]
+        elif layout["labels"] == "onehot":
+            y = np.eye(data.num_classes, dtype=np.uint8)[y]
+        else:
+            y = y.astype(np.uint8)
+        arrays += [np.ascontiguousarray(x, dtype=np.uint8), y]
+    with atomic_path(Path(dest), suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as fh:
+            root = fh.create_group(layout["group"]) if layout["group"] else fh
+            for key, arr in zip(layout["keys"], arrays):
+                root.create_dataset(key, data=arr, compression="gzip", compression_opts=4)
+    return {k: a.shape for k, a in zip(layout["keys"], arrays)}
 
 
 def load_npz(path: Path, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

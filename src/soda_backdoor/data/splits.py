@@ -1,4 +1,4 @@
-"""How a dataset is divided once an attack is known (SPEC 2.6, 2.7 and hyperparams.md §I).
+"""How a dataset is divided once an attack is known (docs/method.md §1, §2.6, §2.7).
 
 - clean train: the train split minus the semantic train samples (clean labels);
 - semantic train: the semantic train samples (relabelled to the target when poisoning);

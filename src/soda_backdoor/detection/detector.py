@@ -1,4 +1,4 @@
-"""Target and source detection (SPEC 2.2, 2.3).
+"""Target and source detection (docs/method.md §2.2, §2.3).
 
 Target: for each analysed class c and each class k != c, ``rho_c[k]`` is the Pearson
 correlation between column k of ``A_c`` and the mean of the other columns; ``rho_c[c] = 0``;
@@ -6,7 +6,7 @@ correlation between column k of ``A_c`` and the mean of the other columns; ``rho
 are candidate targets.
 
 Source (default rule ``fastest``): for each candidate target t, the class whose clean samples
-reach t in the fewest steps of the SPEC 2.4 input optimisation. A semantic backdoor is a
+reach t in the fewest steps of the input optimisation (docs/method.md §2.4). A semantic backdoor is a
 shortcut from its source to the target, so that path is the shortest. ``one_way`` divides by
 the reverse path (class-t samples reaching c); ``mean_logit`` is the study's rule (mean target
 logit), which picks naturally similar classes. Evidence: docs/detection.md.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from ..analysis.effects import AttributionConfig, NeuronEffects, compute_neuron_effects
 from ..analysis.hooks import LayerRef
 from ..analysis.optimize import optimize_batch
+from ..errors import check_at_least, check_choice, check_finite
 from ..utils import cpu_channels_last, eval_mode, frozen
 from .stats import OutlierTest, mad_outliers, pearson
 
@@ -42,9 +44,8 @@ class DetectionConfig:
             reverse to forward steps), ``mean_logit`` (the study's rule), or ``asymmetry``.
         source_samples: samples per class for the step-based rules.
         source_steps: step budget per sample for the step-based rules.
-        source_lr: learning rate of the step-based rules' optimisation. Ten times finer than
-            SPEC 2.4's 0.1: with large steps most samples of most classes cross within about
-            three steps and the count no longer tells classes apart (docs/detection.md).
+        source_lr: learning rate of the step-based rules' optimisation (finer than the
+            reconstruction's; why: docs/method.md §2.3).
         attribution: settings of the causal attribution.
     """
 
@@ -56,13 +57,21 @@ class DetectionConfig:
     source_lr: float = 0.01
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
+    def __post_init__(self) -> None:
+        check_finite("tau_target", self.tau_target)
+        check_finite("tau_source", self.tau_source)
+        check_choice("source_rule", self.source_rule, tuple(SOURCE_RULES))
+        check_at_least("source_samples", self.source_samples, 1)
+        check_at_least("source_steps", self.source_steps, 1)
+        check_finite("source_lr", self.source_lr, positive=True)
+
 
 SOURCE_RULES = ("fastest", "one_way", "mean_logit", "asymmetry")
 
 
 @dataclass(frozen=True)
-class _StepSettings:
-    """SPEC 2.4 optimisation settings used to measure distances between classes."""
+class TransferSettings:
+    """Settings of the input optimisation (docs/method.md, 2.4) used to measure distances between classes."""
 
     steps: int
     lr: float = 0.1
@@ -108,7 +117,7 @@ class DetectionResult:
 
 
 def target_scores(effects: NeuronEffects, num_classes: int) -> Tensor:
-    """``s[k] = 1 - mean_c rho_c[k]`` (SPEC 2.2)."""
+    """``s[k] = 1 - mean_c rho_c[k]`` (docs/method.md §2.2)."""
     rho = torch.zeros(len(effects.classes), num_classes, dtype=torch.double)
     for ci, c in enumerate(effects.classes):
         a = effects.matrices[ci].double()
@@ -134,7 +143,7 @@ def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: 
 
 
 def transfer_steps(model: nn.Module, groups: list[tuple[Tensor, int]], steps: int, lr: float = 0.1) -> Tensor:
-    """Mean optimisation steps (SPEC 2.4) for each group of inputs to reach its target class.
+    """Mean optimisation steps (docs/method.md §2.4) for each group of inputs to reach its target class.
 
     All groups run as one batch with per-row targets and per-row early stopping. Steps are
     counted continuously (the interpolated threshold crossing); a row that never reaches the
@@ -153,16 +162,95 @@ def transfer_steps(model: nn.Module, groups: list[tuple[Tensor, int]], steps: in
     tgt = torch.cat([torch.full((len(g[0]),), g[1], dtype=torch.long) for g in groups]).to(x.device)
     owner = torch.cat([torch.full((len(g[0]),), i) for i, g in enumerate(groups)])
     with eval_mode(model), frozen(model), cpu_channels_last(model):
-        crossing = optimize_batch(model, x, tgt, _StepSettings(steps, lr)).crossing.cpu().double()
+        crossing = optimize_batch(model, x, tgt, TransferSettings(steps, lr)).crossing.cpu().double()
     return torch.stack([crossing[owner == i].mean() for i in range(len(groups))])
 
 
-def source_scores(e: Tensor, target: int, rule: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Score every class as the source of a backdoor into ``target``.
+@dataclass(frozen=True)
+class SourceEvidence:
+    """What every source rule may look at for one candidate target.
 
-    ``mean_logit`` (the study): ``e_c = E[c, t]``, how hard class c pushes the target logit.
-    ``asymmetry``: ``E[c, t] - E[t, c]``: natural similarity is symmetric (pullovers also look
-    like coats), a semantic backdoor is one-way.
+    Attributes:
+        model: the classifier.
+        class_inputs: clean normalised samples per class.
+        target: the candidate target class.
+        num_classes: K.
+        mean_logits: ``E[c, k]``, mean logit k over the clean samples of class c.
+        config: the detection settings (step budget and learning rate of the step rules).
+    """
+
+    model: nn.Module
+    class_inputs: dict[int, Tensor]
+    target: int
+    num_classes: int
+    mean_logits: Tensor
+    config: DetectionConfig
+
+
+SourceRule = Callable[[SourceEvidence], tuple[Tensor, Tensor, Tensor]]
+"""A source rule: evidence in, ``(scores, forward, reverse)`` out, one entry per class."""
+
+_SOURCE_RULES: dict[str, SourceRule] = {}
+
+
+def register_source_rule(name: str) -> Callable[[SourceRule], SourceRule]:
+    """Decorator: add a source rule to the registry under ``name``."""
+    def add(fn: SourceRule) -> SourceRule:
+        _SOURCE_RULES[name] = fn
+        return fn
+    return add
+
+
+def get_source_rule(name: str) -> SourceRule:
+    """The registered rule called ``name``."""
+    if name not in _SOURCE_RULES:
+        raise ValueError(f"unknown source rule {name!r}; valid: {', '.join(SOURCE_RULES)}")
+    return _SOURCE_RULES[name]
+
+
+def _forward_steps(ev: SourceEvidence) -> tuple[Tensor, list[int]]:
+    others = [c for c in range(ev.num_classes) if c != ev.target]
+    n, cfg = ev.config.source_samples, ev.config
+    fwd = torch.zeros(ev.num_classes, dtype=torch.double)
+    fwd[others] = transfer_steps(ev.model, [(ev.class_inputs[c][:n], ev.target) for c in others],
+                                 cfg.source_steps, cfg.source_lr)
+    return fwd, others
+
+
+@register_source_rule("fastest")
+def fastest_rule(ev: SourceEvidence) -> tuple[Tensor, Tensor, Tensor]:
+    """Minus the mean steps class c needs to reach the target: the shortcut is the shortest path."""
+    fwd, _ = _forward_steps(ev)
+    return -fwd, fwd, torch.zeros(ev.num_classes, dtype=torch.double)
+
+
+@register_source_rule("one_way")
+def one_way_rule(ev: SourceEvidence) -> tuple[Tensor, Tensor, Tensor]:
+    """``log((1 + reverse) / (1 + forward))``: the forward path is short, the way back is not."""
+    fwd, others = _forward_steps(ev)
+    n, cfg = ev.config.source_samples, ev.config
+    rev = torch.zeros(ev.num_classes, dtype=torch.double)
+    rev[others] = transfer_steps(ev.model, [(ev.class_inputs[ev.target][:n], c) for c in others],
+                                 cfg.source_steps, cfg.source_lr)
+    return torch.log((1.0 + rev) / (1.0 + fwd)), fwd, rev
+
+
+@register_source_rule("mean_logit")
+def mean_logit_rule(ev: SourceEvidence) -> tuple[Tensor, Tensor, Tensor]:
+    """The study's rule: ``E[c, t]``, how hard class c pushes the target logit."""
+    return source_scores(ev.mean_logits, ev.target, "mean_logit")
+
+
+@register_source_rule("asymmetry")
+def asymmetry_rule(ev: SourceEvidence) -> tuple[Tensor, Tensor, Tensor]:
+    """``E[c, t] - E[t, c]``: natural similarity is symmetric, a semantic backdoor is one-way."""
+    return source_scores(ev.mean_logits, ev.target, "asymmetry")
+
+
+def source_scores(e: Tensor, target: int, rule: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Score every class from the mean logits ``e`` (rules ``mean_logit`` and ``asymmetry``).
+
+    ``mean_logit`` (the study): ``e_c = E[c, t]``. ``asymmetry``: ``E[c, t] - E[t, c]``.
 
     Returns:
         ``(scores, E[:, t], E[t, :])`` with the target's own entry set to 0.
@@ -174,7 +262,7 @@ def source_scores(e: Tensor, target: int, rule: str) -> tuple[Tensor, Tensor, Te
     elif rule == "asymmetry":
         scores = fwd - rev
     else:
-        raise ValueError(f"unknown source rule {rule!r}; valid: {', '.join(SOURCE_RULES)}")
+        raise ValueError(f"source_scores scores the logit rules mean_logit and asymmetry, not {rule!r}")
     scores[target], fwd[target], rev[target] = 0.0, 0.0, 0.0
     return scores, fwd, rev
 
@@ -209,21 +297,11 @@ def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Ten
     sources = []
     pairs = []
     if test.flagged:
+        rule = get_source_rule(config.source_rule)
         e = mean_logits(model, {c: x[:config.attribution.num_samples] for c, x in class_inputs.items()}, num_classes)
         for t in test.flagged:
-            if config.source_rule in ("fastest", "one_way"):
-                others = [c for c in range(num_classes) if c != t]
-                n, budget, lr = config.source_samples, config.source_steps, config.source_lr
-                fwd = torch.zeros(num_classes, dtype=torch.double)
-                rev = torch.zeros(num_classes, dtype=torch.double)
-                fwd[others] = transfer_steps(model, [(class_inputs[c][:n], t) for c in others], budget, lr)
-                if config.source_rule == "one_way":
-                    rev[others] = transfer_steps(model, [(class_inputs[t][:n], c) for c in others], budget, lr)
-                    scores = torch.log((1.0 + rev) / (1.0 + fwd))
-                else:
-                    scores = -fwd
-            else:
-                scores, fwd, rev = source_scores(e, t, config.source_rule)
+            evidence = SourceEvidence(model, class_inputs, t, num_classes, e, config)
+            scores, fwd, rev = rule(evidence)
             scores[t] = 0.0
             out = mad_outliers(scores, config.tau_source, exclude=(t,))
             cand = [c for c in range(num_classes) if c != t]

@@ -43,7 +43,7 @@ class OutlierTest:
 
 
 def mad_outliers(scores: Tensor, threshold: float, exclude: tuple[int, ...] = ()) -> OutlierTest:
-    """Flag upper outliers of ``scores`` with the median-absolute-deviation test (SPEC 2.2).
+    """Flag upper outliers of ``scores`` with the median-absolute-deviation test (docs/method.md §2.2).
 
     Entries in ``exclude`` take no part in the median and MAD and are never flagged (the
     target itself when testing sources).

@@ -202,8 +202,21 @@ def load_model(path: str | Path, arch: str | None = None, num_classes: int | Non
                                  "and the dataset it was trained on")
         meta = ModelMeta(arch=get_model_spec(arch).name, num_classes=num_classes, in_channels=in_channels,
                          input_size=input_size or 32, mean=tuple(mean), std=tuple(std), dataset=dataset)
+    return _build(meta, state, str(path), device)
+
+
+def _build(meta: ModelMeta, state: dict[str, torch.Tensor], where: str, device: str | torch.device) -> LoadedModel:
     module = create_model(meta.arch, meta.num_classes, meta.in_channels, meta.input_size)
-    _load_state(module, state, str(path))
-    check_finite(module, str(path))
+    _load_state(module, state, where)
+    check_finite(module, where)
     module.to(device).eval()
-    return LoadedModel(module, meta, str(path))
+    return LoadedModel(module, meta, where)
+
+
+def model_from_state_dict(state: dict[str, torch.Tensor], arch: str, num_classes: int, in_channels: int,
+                          input_size: int, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,),
+                          dataset: str = "", device: str | torch.device = "cpu", where: str = "state_dict") -> LoadedModel:
+    """A registered architecture with weights already in memory (checked like a file's)."""
+    meta = ModelMeta(arch=get_model_spec(arch).name, num_classes=num_classes, in_channels=in_channels,
+                     input_size=input_size, mean=tuple(mean), std=tuple(std), dataset=dataset)
+    return _build(meta, state, where, device)

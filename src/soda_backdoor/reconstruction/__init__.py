@@ -1,5 +1,7 @@
 """Reconstruction of infected samples by input optimisation."""
 
-from .reconstruct import Reconstruction, ReconstructionConfig, optimize_batch, reconstruct_inputs, reconstruct_one_by_one
+from .reconstruct import (Reconstruction, ReconstructionConfig, optimize_batch, reconstruct_inputs,
+                          reconstruct_one_by_one, split_samples)
 
-__all__ = ["Reconstruction", "ReconstructionConfig", "optimize_batch", "reconstruct_inputs", "reconstruct_one_by_one"]
+__all__ = ["Reconstruction", "ReconstructionConfig", "optimize_batch", "reconstruct_inputs", "reconstruct_one_by_one",
+           "split_samples"]

@@ -1,4 +1,4 @@
-"""Reconstruction of infected samples (SPEC 2.4).
+"""Reconstruction of infected samples (docs/method.md §2.4).
 
 Starting from clean samples of the source class, each input ``x`` is optimised with SGD
 (momentum, weight decay) on ``-f(x)_t + reg * mean(x^2)`` until ``softmax(f(x))_t >=
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..analysis.optimize import loss_per_sample as _loss
 from ..analysis.optimize import optimize_batch
 from ..utils import cpu_channels_last, eval_mode, frozen
+from ..errors import check_at_least, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class ReconstructionConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         reg: weight of ``mean(x^2)`` (the study's ``--reg``).
-        threshold: stop a sample once its target probability reaches this.
+        threshold: stop a sample once its target probability reaches this (above 1: never
+            stop early, every sample runs all ``steps``).
         num_keep: samples to keep (the study's ``--num_sample``).
         batch_size: starts optimised together.
     """
@@ -49,6 +51,16 @@ class ReconstructionConfig:
     threshold: float = 0.99
     num_keep: int = 100
     batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_at_least("steps", self.steps, 1)
+        check_finite("lr", self.lr, positive=True)
+        check_finite("momentum", self.momentum)
+        check_finite("weight_decay", self.weight_decay)
+        check_finite("reg", self.reg)
+        check_finite("threshold", self.threshold, positive=True)
+        check_at_least("num_keep", self.num_keep, 1)
+        check_at_least("batch_size", self.batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -77,8 +89,13 @@ class Reconstruction:
         return len(self.samples)
 
     def split(self) -> tuple[Tensor, Tensor]:
-        """(repair half, held-out half): every other kept sample, so both halves are alike."""
-        return self.samples[0::2], self.samples[1::2]
+        """(repair half, held-out half) of the kept samples (:func:`split_samples`)."""
+        return split_samples(self.samples)
+
+
+def split_samples(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """(repair half, held-out half): every other sample, so both halves are alike (docs/method.md §2.4)."""
+    return samples[0::2], samples[1::2]
 
 
 def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, source: int, target: int,

@@ -1,4 +1,4 @@
-"""Removal of a semantic backdoor (SPEC 2.5).
+"""Removal of a semantic backdoor (docs/method.md §2.5).
 
 1. Outstanding neurons: rank neurons by ``A_s[:, t]`` (attribution to the target, analysed on
    the source class) and keep the top fraction ``top``.
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..analysis.hooks import LayerRef, intervene
+from ..errors import check_at_least, check_finite, check_interval
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ class RepairConfig:
     bn_train: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_interval("top", self.top, 0.0, 1.0, low_open=True)
+        check_at_least("epochs", self.epochs, 1)
+        check_finite("lr", self.lr, positive=True)
+        check_finite("momentum", self.momentum)
+        check_finite("weight_decay", self.weight_decay)
+        check_finite("reg", self.reg)
+        check_finite("reg_cap", self.reg_cap)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("num_recon", self.num_recon, 1)
+
 
 @dataclass(frozen=True)
 class RepairResult:
@@ -75,8 +87,7 @@ def outstanding_neurons(attribution_to_target: Tensor, top: float) -> Tensor:
     Shape:
         attribution_to_target: ``(n,)``; returns a float mask ``(n,)``.
     """
-    if not 0.0 < top <= 1.0:
-        raise ValueError(f"top must be in (0, 1], got {top}")
+    check_interval("top", top, 0.0, 1.0, low_open=True)
     n = attribution_to_target.numel()
     k = max(1, int(round(top * n)))
     mask = torch.zeros(n)

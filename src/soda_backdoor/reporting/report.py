@@ -16,14 +16,11 @@ import numpy as np
 from ..errors import UserInputError
 from ..utils import write_atomic
 from . import plots
+from .text import class_label
 
 
 def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _label(names: list[str], i: int) -> str:
-    return f"{i} ({names[i]})" if names and i < len(names) else str(i)
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -60,7 +57,7 @@ def render_report(run_dir: str | Path) -> Path:
         tt = det["target_test"]
         finite = [a for a in tt["anomaly_index"] if a == a and a != float("inf")]
         if det["backdoor"]:
-            how = ", ".join(f"target {_label(names, t)} anomaly index {tt['anomaly_index'][t]:.2f} "
+            how = ", ".join(f"target {class_label(names, t)} anomaly index {tt['anomaly_index'][t]:.2f} "
                             f"(threshold {tt['threshold']:g})" for t in tt["flagged"])
         else:
             how = (f"the largest anomaly index of any class is {max(finite) if finite else 0:.2f}, below the "
@@ -76,9 +73,9 @@ def render_report(run_dir: str | Path) -> Path:
         for src in det["sources"]:
             t = src["target"]
             plots.plot_scores(src["scores"], src["outlier"]["anomaly_index"], src["outlier"]["threshold"], [src["source"]],
-                              figs / f"source_scores_t{t}.png", f"Source scores for target {_label(names, t)} "
+                              figs / f"source_scores_t{t}.png", f"Source scores for target {class_label(names, t)} "
                               f"(rule: {src['rule']})", names, exclude=[t])
-            images.append((f"Source scores for target {_label(names, t)}", f"figures/source_scores_t{t}.png"))
+            images.append((f"Source scores for target {class_label(names, t)}", f"figures/source_scores_t{t}.png"))
         eff = out / "effects.npz"
         if eff.is_file():
             with np.load(eff, allow_pickle=False) as z:
@@ -122,7 +119,7 @@ def render_report(run_dir: str | Path) -> Path:
     if det:
         tt = det["target_test"]
         sections.append("<h2>Detection scores</h2>" + _table(
-            [[_label(names, k), s, a, "target" if k in tt["flagged"] else ""]
+            [[class_label(names, k), s, a, "target" if k in tt["flagged"] else ""]
              for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"]))],
             ["class", "target score", "anomaly index", "flagged"]) +
             f"<p>Layer <code>{html.escape(det['layer'])}</code>, attribution method {html.escape(det['attribution_method'])}"

@@ -1,4 +1,4 @@
-"""Semantic-backdoor training (SPEC 2.6) and evaluation (SPEC 2.7).
+"""Semantic-backdoor training (docs/method.md §2.6) and evaluation (docs/method.md §2.7).
 
 Each batch holds ``batch_size - k`` clean samples and ``k = int(batch_size * ratio)``
 semantic samples drawn with replacement, augmented, and relabelled to the target, as the
@@ -22,6 +22,7 @@ from ..data.augment import augment, random_blend
 from ..data.datasets import Dataset, normalize
 from ..data.attacks import SemanticAttack
 from ..data.splits import Splits
+from ..errors import check_at_least, check_finite, check_interval
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class TrainConfig:
         weight_decay: SGD weight decay.
         augment_clean: augment the clean samples too (random crop and flip, as the poisoned
             ones always are), except in the last ``plain_final_epochs`` epochs. The study
-            augments only the poisoned samples (``False``). Measured on ``cnn``: with it the
-            backdoor generalises to the faint-striped test shirts (docs/training.md).
+            augments only the poisoned samples (``False``). Why the default differs:
+            docs/training.md.
         plain_final_epochs: final epochs in which the clean samples are used as they are
             (with ``augment_clean``); they recover the clean accuracy that augmentation costs.
         source_blend: poisoned samples are blended with a random clean sample of the source
@@ -71,6 +72,21 @@ class TrainConfig:
     brightness: float = 0.0
     contrast: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_at_least("epochs", self.epochs, 1)
+        check_finite("lr", self.lr, positive=True)
+        for m in self.milestones:
+            check_at_least("milestones", m, 0)
+        check_finite("gamma", self.gamma, positive=True)
+        check_at_least("batch_size", self.batch_size, 2)
+        check_interval("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        check_finite("momentum", self.momentum)
+        check_finite("weight_decay", self.weight_decay)
+        check_at_least("plain_final_epochs", self.plain_final_epochs, 0)
+        check_interval("source_blend", self.source_blend, 0.0, 1.0, high_open=True)
+        for name in ("rotation", "brightness", "contrast"):
+            check_finite(name, getattr(self, name))
 
 
 def default_milestones(epochs: int) -> tuple[int, ...]:

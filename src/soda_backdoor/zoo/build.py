@@ -7,6 +7,7 @@ flight). A rerun trains only the models whose line or file is missing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -75,18 +76,28 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+@functools.lru_cache(maxsize=4)
+def worker_context(dataset: str, data_dir: str | None, attack: str | None, attack_file: str | None, seed: int = 0):
+    """The data context, loaded once per worker process and reused for every model."""
+    from ..workflow import load_context
+
+    return load_context(dataset, data_dir, attack, attack_file, seed)
+
+
 def _train_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Worker: train one entry and return its manifest row."""
-    from ..cli.steps import run_train
-    from ..training import TrainConfig
+    """Worker: train one entry, save it, and return its outcome for the manifest."""
+    from ..models import save_model
     from ..utils import resolve_device
+    from ..workflow import train
 
     entry: ZooEntry = task["entry"]
-    cfg: TrainConfig = entry.train
-    res = run_train(entry.dataset, entry.data_dir or None, entry.attack, entry.attack_file or None, entry.arch,
-                    task["path"], cfg, resolve_device(task["device"]), progress=False)
-    return {"acc": res["acc"], "asr": res["asr"], "n_clean": res["n_clean"], "n_semantic": res["n_semantic"],
-            "train_seconds": res["seconds"], "threads": torch.get_num_threads()}
+    ctx = worker_context(entry.dataset, entry.data_dir or None, entry.attack, entry.attack_file or None,
+                         entry.train.seed)
+    rep = train(ctx, entry.train, resolve_device(task["device"]), entry.arch)
+    save_model(task["path"], rep.model.module, rep.model.meta)
+    ev = rep.evaluation
+    return {"acc": ev.acc, "asr": ev.asr, "n_clean": ev.n_clean, "n_semantic": ev.n_semantic,
+            "train_seconds": rep.seconds, "threads": torch.get_num_threads()}
 
 
 def manifest_row(entry: ZooEntry, file: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from ..executor import run_tasks
 from .build import append_jsonl, read_jsonl, read_manifest
+from ..repair import RepairConfig
 from .score import label_rows
 
 METHODS = ("soda", "finetune", "fineprune", "nad", "anp")
@@ -25,57 +26,56 @@ GOOD_ASR = 0.10
 
 
 def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
-    from ..cli.steps import run_detect, run_reconstruct, run_repair, run_evaluate
-    from ..detection import DetectionConfig
-    from ..reconstruction import ReconstructionConfig
-    from ..repair import RepairConfig
+    from ..artifacts import SampleSet
+    from ..models import save_model
     from ..utils import resolve_device
+    from ..workflow import detect, evaluate, open_model, reconstruct, repair
+    from .build import worker_context
 
     device = resolve_device(task["device"])
     args = (task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
-    det = run_detect(task["path"], *args, DetectionConfig(), None, device, task["seed"], progress=False)
-    if not det["pairs"]:
-        ev = run_evaluate(task["path"], *args, device)
-        return {"detected": None, "acc_before": ev["acc"], "asr_before": ev["asr"], "acc_after": ev["acc"],
-                "asr_after": ev["asr"], "rasr_before": None, "rasr_after": None, "repaired": False}
-    pair = det["pairs"][0]
-    out = Path(task["work"])
-    rec = run_reconstruct(task["path"], *args, pair["source"], pair["target"], ReconstructionConfig(),
-                          str(out / f"{task['key']}-soda.npz"), device, task["seed"], progress=False)
-    if rec["kept"] < 2:
-        ev = run_evaluate(task["path"], *args, device)
-        return {"detected": [pair["source"], pair["target"]], "acc_before": ev["acc"], "asr_before": ev["asr"],
-                "acc_after": ev["acc"], "asr_after": ev["asr"], "rasr_before": None, "rasr_after": None,
-                "repaired": False}
-    rep = run_repair(task["path"], *args, pair["source"], pair["target"], rec["samples"],
-                     RepairConfig(seed=task["seed"]), str(out / f"{task['key']}-soda.safetensors"), device,
-                     progress=False)
-    return {"detected": [pair["source"], pair["target"]], "acc_before": rep["acc_before"],
-            "asr_before": rep["asr_before"], "acc_after": rep["acc_after"], "asr_after": rep["asr_after"],
-            "rasr_before": rep["rasr_before"], "rasr_after": rep["rasr_after"], "repaired": True}
+    ctx = worker_context(*args)
+    loaded = open_model(task["path"], ctx.data, device)
+    det = detect(loaded, ctx, None, None, device, task["seed"])
+    ev = evaluate(loaded, ctx, device)
+    unrepaired = {"acc_before": ev.acc, "asr_before": ev.asr, "acc_after": ev.acc, "asr_after": ev.asr,
+                  "rasr_before": None, "rasr_after": None, "repaired": False}
+    if not det.pairs:
+        return {"detected": None, **unrepaired}
+    source, target = det.pairs[0]
+    rec = reconstruct(loaded, ctx, source, target, None, device, task["seed"])
+    if rec.reconstruction.kept < 2:
+        return {"detected": [source, target], **unrepaired}
+    rep = repair(loaded, worker_context(*args, task["seed"]), source, target,
+                 SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint), RepairConfig(seed=task["seed"]),
+                 None, device)
+    save_model(Path(task["work"]) / f"{task['key']}.safetensors", rep.model.module, rep.model.meta)
+    return {"detected": [source, target], "acc_before": rep.before.acc, "asr_before": rep.before.asr,
+            "acc_after": rep.after.acc, "asr_after": rep.after.asr, "rasr_before": rep.rasr_before,
+            "rasr_after": rep.rasr_after, "repaired": True}
 
 
 def _repair_baseline(task: dict[str, Any]) -> dict[str, Any]:
-    from ..cli.steps import load_context, open_model
     from ..data import normalize
     from ..models import save_model
     from ..repair import BaselineRepairConfig, repair_with
-    from ..training import evaluate_attack
     from ..utils import resolve_device, seed_everything
+    from ..workflow import evaluate, open_model
+    from .build import worker_context
 
     device = resolve_device(task["device"])
     seed_everything(task["seed"])
-    ctx = load_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
-    loaded = open_model(task["path"], ctx, device)
+    ctx = worker_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None,
+                         task["seed"])
+    loaded = open_model(task["path"], ctx.data, device)
     model, meta = loaded.module, loaded.meta
-    before = evaluate_attack(model, ctx.data, ctx.splits, ctx.attack, meta.mean, meta.std, device)
+    before = evaluate(loaded, ctx, device)
     dfd = ctx.splits.defender
     x = normalize(ctx.data.x_train[dfd].to(device), meta.mean, meta.std)
     y = ctx.data.y_train[dfd].to(device)
     repair_with(task["method"], model, None, x, y, BaselineRepairConfig(seed=task["seed"]))
-    after = evaluate_attack(model, ctx.data, ctx.splits, ctx.attack, meta.mean, meta.std, device)
-    save_model(Path(task["work"]) / f"{task['key']}-{task['method']}.safetensors", model,
-               meta.with_note(f"repaired by {task['method']}"))
+    after = evaluate(loaded, ctx, device)
+    save_model(Path(task["work"]) / f"{task['key']}.safetensors", model, meta.with_note(f"repaired by {task['method']}"))
     return {"detected": None, "acc_before": before.acc, "asr_before": before.asr, "acc_after": after.acc,
             "asr_after": after.asr, "rasr_before": None, "rasr_after": None, "repaired": True}
 

@@ -58,34 +58,43 @@ def label_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- detectors
 
-def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
-    """SODA's detector, exactly as `soda detect` runs it on the file."""
-    from ..cli.steps import run_detect
+def _open(task: dict[str, Any]):
     from ..utils import resolve_device
+    from ..workflow import open_model
+    from .build import worker_context
 
-    res = run_detect(task["path"], task["dataset"], task["data_dir"] or None, task["attack"],
-                     task["attack_file"] or None, task["config"], task["layer"], resolve_device(task["device"]),
-                     progress=False)
+    device = resolve_device(task["device"])
+    ctx = worker_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
+    return open_model(task["path"], ctx.data, device), ctx, device
+
+
+def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
+    """SODA's detector, exactly as `soda detect` runs it on the file (data loaded once per worker)."""
+    import time
+
+    from ..workflow import detect
+
+    start = time.perf_counter()
+    loaded, ctx, device = _open(task)
+    res = detect(loaded, ctx, task["config"], task["layer"], device).to_dict()
     ai = [a if a == a else 0.0 for a in res["target_test"]["anomaly_index"]]
     return {"score": max(ai), "flagged": bool(res["backdoor"]), "pairs": [[p["source"], p["target"]]
                                                                           for p in res["pairs"]],
-            "class_scores": ai, "seconds": res["seconds"]}
+            "class_scores": ai, "seconds": time.perf_counter() - start}
 
 
 def _detect_nc(task: dict[str, Any]) -> dict[str, Any]:
     """Neural Cleanse (trigger reverse engineering, MAD over mask norms) on the same clean data."""
     import time
 
-    from ..cli.steps import class_inputs, load_context, open_model
     from ..detection import NeuralCleanseConfig, detect_neural_cleanse
-    from ..utils import resolve_device, seed_everything
+    from ..utils import seed_everything
+    from ..workflow import class_inputs
 
     start = time.perf_counter()
     config = task["config"] or NeuralCleanseConfig()
     seed_everything(config.seed)
-    device = resolve_device(task["device"])
-    ctx = load_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
-    loaded = open_model(task["path"], ctx, device)
+    loaded, ctx, device = _open(task)
     inputs = class_inputs(ctx, loaded.meta, config.num_samples_per_class, device)
     res = detect_neural_cleanse(loaded.module, inputs, ctx.data.num_classes, config, mean=loaded.meta.mean,
                                 std=loaded.meta.std)

@@ -4,14 +4,14 @@
 # make_synthetic_attacks.py. Two trainings run at once, one thread each (this small network
 # gains nothing from a second thread). Each writes OUT/<attack>_s<seed>.{safetensors,json,log}.
 #
-# Usage: bash experiments/train_zoo.sh OUT [JOBS]
+# Usage: bash research/train_zoo.sh OUT [JOBS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: train_zoo.sh OUT [JOBS]}
 JOBS=${2:-2}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
-[ -f "$OUT/synth.json" ] || "$PY" experiments/make_synthetic_attacks.py "$OUT/synth.json"
+[ -f "$OUT/synth.json" ] || "$PY" research/make_synthetic_attacks.py "$OUT/synth.json"
 {
   for s in 0 1 2; do echo "stripet $s"; done
   for s in 0 1 2 3 4; do echo "none $s"; done

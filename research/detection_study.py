@@ -6,23 +6,23 @@ any other class, the detected pairs, and the source each rule picks. A model's t
 comes from its metadata (or ``none``); ``--attack-file`` resolves attacks not in the registry.
 
 Usage:
-    python experiments/detection_study.py M1.safetensors [...] [--attack-file F.json] [--json OUT]
+    python research/detection_study.py M1.safetensors [...] [--attack-file F.json] [--json OUT]
         [--layer NAME] [--num-samples N] [--tau-target T]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 import torch
 
 from soda_backdoor.analysis import AttributionConfig
-from soda_backdoor.cli.steps import run_detect
-from soda_backdoor.data import get_attack
+from soda_backdoor.data import get_attack, load_dataset
 from soda_backdoor.detection import DetectionConfig
-from soda_backdoor.models import load_model
+from soda_backdoor.workflow import DataContext, detect, open_model
+
+from provenance import write_record
 
 
 def main() -> None:
@@ -38,17 +38,16 @@ def main() -> None:
     rows = []
     hdr = f"{'model':<34}{'attack':<12}{'true':>7}{'AI(t)':>8}{'maxAI(other)':>13}  {'pairs':<14}{'source':>8}{'study':>7}{'sec':>6}"
     print(hdr)
+    data = load_dataset("fmnist", None)
+    cpu = torch.device("cpu")
     for path in a.models:
-        meta = load_model(path).meta
-        attack = meta.attack
+        model = open_model(path, data, cpu)
+        attack = model.meta.attack
         atk = None if attack == "none" else get_attack(attack, "fmnist", a.attack_file if attack not in
                                                         ("stripet",) else None)
-        res = run_detect(path, "fmnist", None, attack if atk is not None else "none",
-                         a.attack_file if atk is not None and attack != "stripet" else None, cfg, a.layer,
-                         torch.device("cpu"), progress=False)
-        study = run_detect(path, "fmnist", None, attack if atk is not None else "none",
-                           a.attack_file if atk is not None and attack != "stripet" else None,
-                           replace(cfg, source_rule="mean_logit"), a.layer, torch.device("cpu"), progress=False)
+        ctx = DataContext.build(data, atk)
+        res = detect(model, ctx, cfg, a.layer, cpu).to_dict()
+        study = detect(model, ctx, replace(cfg, source_rule="mean_logit"), a.layer, cpu).to_dict()
         ai = res["target_test"]["anomaly_index"]
         t = atk.target if atk else None
         others = [x for k, x in enumerate(ai) if k != t]
@@ -65,8 +64,7 @@ def main() -> None:
               f"{max(others):>13.2f}  {str(pairs):<14}{str(src_ow):>8}{str(src_st):>7}{res['seconds']:>6.1f}",
               flush=True)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

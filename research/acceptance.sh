@@ -5,7 +5,7 @@
 # threads each, as on the 2-core CI machine). Prints one line per model; keeps the model,
 # evaluation JSON and log under OUT.
 #
-# Usage: bash experiments/acceptance.sh OUT [SEEDS...]
+# Usage: bash research/acceptance.sh OUT [SEEDS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: acceptance.sh OUT [SEEDS...]}

@@ -1,4 +1,4 @@
-"""Other target scores on the default layer, compared with SPEC 2.2's on many models.
+"""Other target scores on the default layer, compared with docs/method.md §2.2's on many models.
 
 At ``fc:input`` the attribution is ``|W[k, i]|`` of the final Linear (docs/detection.md), so a
 target score is a function of the weights alone and many models are scored in a second. For
@@ -16,7 +16,7 @@ Model attacks come from the metadata; ``--targets name=class`` adds ones not in 
 (the synthetic attacks of make_synthetic_attacks.py are known by name).
 
 Usage:
-    python experiments/target_score_variants.py DIR_OR_MODEL ... [--targets name=k ...]
+    python research/target_score_variants.py DIR_OR_MODEL ... [--targets name=k ...]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compare candidate source-class rules on trained models (SPEC 2.3, issue 3).
+"""Compare candidate source-class rules on trained models (docs/method.md §2.3, issue 3).
 
 For a model and its detected (or given) target t, every class c gets several scores; the rule
 is right when the true source has the largest score. Statistics:
@@ -6,7 +6,7 @@ is right when the true source has the largest score. Statistics:
 - mean_logit:      E[c, t] (the study's rule).
 - asym_logit:      E[c, t] - E[t, c] on per-sample centred logits.
 - asym_prob:       P[c, t] - P[t, c] (mean softmax).
-- ease:            mean log-softmax_t after k steps of the SPEC 2.4 optimisation from class-c samples.
+- ease:            mean log-softmax_t after k steps of the optimisation of docs/method.md §2.4 from class-c samples.
 - asym_ease:       ease(c -> t) - ease(t -> c): natural similarity is symmetric, a backdoor one-way.
 - steps:           minus the mean steps to reach softmax_t >= 0.99 (budget B).
 - asym_steps:      steps(t -> c) - steps(c -> t).
@@ -14,7 +14,7 @@ is right when the true source has the largest score. Statistics:
                    samples of class c closest to the backdoor feature).
 - steps_median:    minus the median of the per-sample steps.
 
-Usage: python experiments/source_rules.py M1.safetensors ... [--attack-file F.json] [--json OUT]
+Usage: python research/source_rules.py M1.safetensors ... [--attack-file F.json] [--json OUT]
        (--target T --source S for a model trained clean)
 """
 
@@ -25,7 +25,7 @@ import json
 
 import torch
 
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import mean_logits
 from soda_backdoor.models import load_model
@@ -33,7 +33,7 @@ from soda_backdoor.models import load_model
 
 def directed_optimisation(model, x: torch.Tensor, tgt: torch.Tensor, steps: int, lr: float = 0.1, reg: float = 0.9,
                           threshold: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row SPEC 2.4 optimisation towards per-row targets; returns (log p_t after k steps, steps to threshold)."""
+    """Per-row docs/method.md §2.4 optimisation towards per-row targets; returns (log p_t after k steps, steps to threshold)."""
     x = x.clone()
     buf = torch.zeros_like(x)
     reached = torch.full((len(x),), steps, dtype=torch.float)
@@ -66,7 +66,7 @@ def attack_of(path: str, attack_file: str | None) -> tuple[int, int]:
 
 def scores_for(path: str, target: int, n: int, k: int, attack_file: str | None = None) -> dict[str, list[float]]:
     ctx = load_context("fmnist", None, None, None)
-    loaded = open_model(path, ctx, torch.device("cpu"))
+    loaded = open_model(path, ctx.data, torch.device("cpu"))
     if loaded.meta.attack != "none":
         name = loaded.meta.attack
         ctx = load_context("fmnist", None, name, attack_file if name not in ("stripet",) else None)

@@ -7,7 +7,7 @@ semantic_attacks.json; the shipped copy is ``src/soda_backdoor/data/synthetic_at
 (the registry reads it, so ``--attack smallbag`` works), and any copy works with
 ``--attack-file``.
 
-Usage: python experiments/make_synthetic_attacks.py [OUT.json]
+Usage: python research/make_synthetic_attacks.py [OUT.json]
 """
 
 from __future__ import annotations

@@ -1,29 +1,30 @@
 """The `fastest` source rule at several step sizes and sample counts.
 
 For each backdoored model (its attack from the metadata, or ``--attack-file``), every class c
-other than the target t gets the mean number of SPEC 2.4 optimisation steps its clean samples
+other than the target t gets the mean number of docs/method.md §2.4 optimisation steps its clean samples
 need to reach softmax_t >= 0.99 (counted continuously, budget 50). The rule picks the class
 with the fewest. With a large step size most samples cross within about three steps, so the
 count saturates; smaller steps measure the same distance on a finer ruler, at more cost.
 
 Usage:
-    python experiments/fastest_resolution.py M1.safetensors ... [--attack-file F.json]
+    python research/fastest_resolution.py M1.safetensors ... [--attack-file F.json]
         [--lrs 0.05 0.02 0.01] [--ns 64 256] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from soda_backdoor.analysis.optimize import optimize_batch
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
-from soda_backdoor.detection.detector import _StepSettings
+from soda_backdoor.detection import TransferSettings
 from soda_backdoor.utils import cpu_channels_last, eval_mode, frozen
+
+from provenance import write_record
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
         if atk is None:
             continue
         ctx = load_context("fmnist", None, name, attack_file)
-        loaded = open_model(path, ctx, torch.device("cpu"))
+        loaded = open_model(path, ctx.data, torch.device("cpu"))
         model = loaded.module.eval()
         inputs = class_inputs(ctx, loaded.meta, max(a.ns), torch.device("cpu"))
         t = atk.target
@@ -55,7 +56,7 @@ def main() -> None:
                 owner = torch.cat([torch.full((len(inputs[c][:n]),), c) for c in others])
                 t0 = time.perf_counter()
                 with eval_mode(model), frozen(model), cpu_channels_last(model):
-                    crossing = optimize_batch(model, x, torch.full((len(x),), t), _StepSettings(a.budget, lr)).crossing
+                    crossing = optimize_batch(model, x, torch.full((len(x),), t), TransferSettings(a.budget, lr)).crossing
                 steps = {c: float(crossing[owner == c].mean()) for c in others}
                 pick = min(others, key=lambda c: steps[c])
                 runner = min((c for c in others if c != atk.source), key=lambda c: steps[c])
@@ -69,8 +70,7 @@ def main() -> None:
             sel = [r for r in rows if r["lr"] == lr and r["n"] == n]
             print(f"lr {lr}, n {n}: {sum(r['pick'] == r['source'] for r in sel)}/{len(sel)} correct")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,27 @@
-"""Target-detection statistics of several analysis layers over many models (SPEC 2.1-2.2).
+"""Target-detection statistics of several analysis layers over many models (docs/method.md §2.1-2.2).
 
 For every model and layer: the anomaly index of the true target (backdoored models) and the
 largest anomaly index of any other class, with 256 clean samples per class. A layer separates
 well when every backdoored model's target sits far above every clean model's maximum.
 
 Usage:
-    python experiments/layer_study.py M1.safetensors ... [--layers fc:input features.9 ...]
+    python research/layer_study.py M1.safetensors ... [--layers fc:input features.9 ...]
         [--attack-file F.json] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from soda_backdoor.analysis import AttributionConfig, compute_neuron_effects, parse_layer
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import target_scores
 from soda_backdoor.detection.stats import mad_outliers
+
+from provenance import write_record
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
         attack_file = a.attack_file if name not in ("stripet", "none") else None
         atk = get_attack(name, "fmnist", attack_file)
         ctx = load_context("fmnist", None, name, attack_file)
-        loaded = open_model(path, ctx, torch.device("cpu"))
+        loaded = open_model(path, ctx.data, torch.device("cpu"))
         inputs = class_inputs(ctx, loaded.meta, a.num_samples, torch.device("cpu"))
         row = {"model": path, "attack": name, "source": atk.source if atk else None,
                "target": atk.target if atk else None, "layers": {}}
@@ -58,8 +59,7 @@ def main() -> None:
         true = f"{atk.source}->{atk.target}" if atk else "none"
         print(f"{path[-30:]:<30}{true:>8}" + "".join(f"{c:>24}" for c in cells), flush=True)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,22 @@ For each model (with its reconstructed samples from `soda reconstruct`), runs th
 each setting of a small grid and prints ACC/ASR/R-ASR after repair.
 
 Usage:
-    python experiments/repair_grid.py --pairs M1.safetensors:X1.npz [M2:X2 ...] [--json OUT]
+    python research/repair_grid.py --pairs M1.safetensors:X1.npz [M2:X2 ...] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
-from soda_backdoor.cli.steps import run_repair
+from soda_backdoor.artifacts import load_samples
 from soda_backdoor.repair import RepairConfig
+from soda_backdoor.workflow import load_context, open_model, repair
+
+from provenance import write_record
 
 GRID = [
     dict(lr=0.001, epochs=5, bn_train=False),
@@ -58,16 +60,16 @@ def main() -> None:
         model, samples = pair.split(":")
         for g in GRID:
             cfg = RepairConfig(**g)
-            with tempfile.TemporaryDirectory() as tmp:
-                r = run_repair(model, "fmnist", None, a.attack, None, a.source, a.target, samples, cfg,
-                               str(Path(tmp) / "r.safetensors"), torch.device("cpu"), progress=False)
+            ctx = load_context("fmnist", None, a.attack, None, cfg.seed)
+            loaded = open_model(model, ctx.data, torch.device("cpu"))  # fresh: repair changes it in place
+            r = repair(loaded, ctx, a.source, a.target, load_samples(samples), cfg).to_dict()
             rows.append({"model": model, "setting": g, **{k: r[k] for k in (
                 "acc_before", "acc_after", "asr_before", "asr_after", "rasr_after", "seconds")}})
             print(f"{Path(model).name:<28}{json.dumps(g):<48}{r['acc_before']:>7.4f}{r['acc_after']:>7.4f}"
                   f"{r['asr_before']:>7.3f}{r['asr_after']:>7.3f}{r['rasr_after']:>7.3f}{r['seconds']:>6.1f}",
                   flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        write_record(a.json, rows, a)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,19 @@ class of a clean model (for a pair: the per-class sum over both layers). A layer
 when the first is larger.
 
 Usage:
-    python experiments/layer_separation.py experiments/results/layers_*.json
+    python research/layer_separation.py research/results/layers_*.json
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import sys
+
+from provenance import read_rows
 
 
 def main() -> None:
-    rows = [r for p in sys.argv[1:] for r in json.load(open(p))]
+    rows = [r for p in sys.argv[1:] for r in read_rows(p)]
     layers = sorted(set.intersection(*(set(r["layers"]) for r in rows)))
     combos = [(name,) for name in layers] + list(itertools.combinations(layers, 2))
     print(f"{len(rows)} models ({sum(r['target'] is None for r in rows)} clean); layers in all: {', '.join(layers)}")

@@ -5,7 +5,7 @@ reconstructs ``NKEEP`` infected samples (source 0 -> target 2, at most ``STEPS``
 from fresh source-class training samples, then fine-tunes one epoch with them.
 
 Usage:
-    python experiments/iter_repair.py MODEL.safetensors ROUNDS LR NKEEP STEPS
+    python research/iter_repair.py MODEL.safetensors ROUNDS LR NKEEP STEPS
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from soda_backdoor.analysis import parse_layer
-from soda_backdoor.cli.steps import load_context, open_model
+from soda_backdoor.workflow import load_context, open_model
 from soda_backdoor.data import normalize
 from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_inputs
 from soda_backdoor.repair import RepairConfig, repair_model
@@ -32,7 +32,7 @@ def main() -> None:
     a = ap.parse_args()
     dev = torch.device("cpu")
     ctx = load_context("fmnist", None, "stripet", None, 0)
-    loaded = open_model(a.model, ctx, dev)
+    loaded = open_model(a.model, ctx.data, dev)
     m, meta = loaded.module, loaded.meta
     ev = evaluate_attack(m, ctx.data, ctx.splits, ctx.attack, meta.mean, meta.std, dev)
     print("before", round(ev.acc, 4), round(ev.asr, 3))

@@ -6,7 +6,7 @@ are not sent to the target (with their predicted class and target probability). 
 line per epoch goes to ``--log``.
 
 Usage:
-    python experiments/asr_recipes.py --seed 0 --width 32 --set epochs=8 milestones=4,6 --log out.jsonl
+    python research/asr_recipes.py --seed 0 --width 32 --set epochs=8 milestones=4,6 --log out.jsonl
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 import torch
 
@@ -26,6 +26,8 @@ from soda_backdoor.models.cnn import SmallCNN
 from soda_backdoor.detection import target_scores
 from soda_backdoor.detection.stats import mad_outliers
 from soda_backdoor.training import TrainConfig, evaluate_attack, train_model
+
+from provenance import provenance
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -91,7 +93,7 @@ def main() -> None:
         line = {"label": label, **rec, "acc": ev.acc, "asr": ev.asr, "missed": missed, "p_target": p_target}
         print(json.dumps(line), flush=True)
         if log:
-            log.write(json.dumps(line) + "\n")
+            log.write(json.dumps({**line, "config": asdict(config), "args": vars(a), "provenance": provenance()}) + "\n")
             log.flush()
 
     t0 = time.perf_counter()

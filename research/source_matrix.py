@@ -1,6 +1,6 @@
 """Source-class rules from the full matrix of optimisation distances between classes.
 
-For a model, ``S[c, k]`` is the mean number of SPEC 2.4 optimisation steps (lr 0.05, reg 0.9,
+For a model, ``S[c, k]`` is the mean number of docs/method.md §2.4 optimisation steps (lr 0.05, reg 0.9,
 stop at softmax_k >= 0.99, budget 50, counted continuously as in ``transfer_steps``) that
 ``n`` clean samples of class c need to be classified as k. The candidate rules below score
 every class c as the source of a backdoor into the target t (largest score wins):
@@ -13,20 +13,21 @@ every class c as the source of a backdoor into the target t (largest score wins)
 - ``mean_logit``   E[c, t]                         (the study's rule)
 
 Usage:
-    python experiments/source_matrix.py M1.safetensors ... [--attack-file F.json] [--n 32] [--json OUT]
+    python research/source_matrix.py M1.safetensors ... [--attack-file F.json] [--n 32] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from soda_backdoor.cli.steps import class_inputs, load_context, open_model
+from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.data import get_attack
 from soda_backdoor.detection import mean_logits
 from soda_backdoor.detection.detector import transfer_steps
+
+from provenance import write_record
 
 RULES = ("fastest", "one_way", "rel_source", "rel_both", "rank", "mean_logit")
 
@@ -82,7 +83,7 @@ def main() -> None:
     results, wins = {}, {r: 0 for r in RULES}
     for path in a.models:
         ctx = load_context("fmnist", None, None, None)
-        loaded = open_model(path, ctx, torch.device("cpu"))
+        loaded = open_model(path, ctx.data, torch.device("cpu"))
         name = loaded.meta.attack
         atk = get_attack(name, "fmnist", a.attack_file if name not in ("stripet",) else None)
         if atk is None:
@@ -104,8 +105,7 @@ def main() -> None:
                   f"{ranked.index(atk.source) + 1}, margin {v[atk.source] - runner:+.3f}", flush=True)
     print("correct: " + ", ".join(f"{r} {w}/{len(results)}" for r, w in wins.items()))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        write_record(a.json, results, a)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""Plain-text renderings of step results (terminal output of the CLI and the pipeline)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def class_label(names: Sequence[str], i: int) -> str:
+    """``"2 (Pullover)"``, or ``"2"`` without class names."""
+    return f"{i} ({names[i]})" if names and 0 <= i < len(names) else str(i)
+
+
+def verdict(det: dict[str, Any]) -> str:
+    """One sentence: the detected class pairs, or that there are none."""
+    names = det.get("class_names") or []
+    if not det["backdoor"]:
+        return "No semantic backdoor detected."
+    pairs = ", ".join(f"source {class_label(names, p['source'])} -> target {class_label(names, p['target'])}"
+                      for p in det["pairs"])
+    return f"Semantic backdoor detected: {pairs}."
+
+
+def format_detection(res: dict[str, Any]) -> str:
+    """A readable table of a detection result (``DetectReport.to_dict()``)."""
+    names = res.get("class_names") or []
+    tt = res["target_test"]
+    folded = f", folded {res['folded']}" if res.get("folded") else ""
+    lines = [f"layer {res['layer']} ({res['attribution_method']}{folded}), target threshold {tt['threshold']:g}",
+             f"{'class':<18}{'target score':>13}{'anomaly':>10}"]
+    for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"])):
+        mark = "  <- target" if k in tt["flagged"] else ""
+        lines.append(f"{class_label(names, k):<18}{s:>13.4f}{a:>10.2f}{mark}")
+    for src in res["sources"]:
+        lines.append(f"source scores for target {class_label(names, src['target'])} (rule {src['rule']}):")
+        order = sorted(range(len(src["scores"])), key=lambda c: -src["scores"][c])
+        for c in order[:4]:
+            if c == src["target"]:
+                continue
+            lines.append(f"  {class_label(names, c):<16} score {src['scores'][c]:8.3f}  forward {src['forward'][c]:7.3f}  "
+                         f"reverse {src['reverse'][c]:7.3f}  mean target logit {src['mean_logit'][c]:7.3f}")
+    if res["backdoor"]:
+        pairs = ", ".join(f"{class_label(names, p['source'])} -> {class_label(names, p['target'])}" for p in res["pairs"])
+        lines.append(f"VERDICT: semantic backdoor detected: {pairs}")
+    else:
+        lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
+                     f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
+    return "\n".join(lines)
+
+
+def format_repair(res: dict[str, Any]) -> str:
+    """ACC, ASR and R-ASR before and after a repair (``RepairReport.to_dict()``)."""
+    return (f"{'':<8}{'before':>8}{'after':>8}\n{'ACC':<8}{res['acc_before']:>8.4f}{res['acc_after']:>8.4f}\n"
+            f"{'ASR':<8}{res['asr_before']:>8.4f}{res['asr_after']:>8.4f}\n"
+            f"{'R-ASR':<8}{res['rasr_before']:>8.4f}{res['rasr_after']:>8.4f}")

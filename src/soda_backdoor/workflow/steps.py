@@ -1,0 +1,159 @@
+"""The tool's steps on in-memory objects: a loaded model, a data context, a config.
+
+Each step calls one library function and returns a typed report (:mod:`.reports`); none
+reads or writes files. Front ends (the CLI, ``soda run``, the study scripts, research
+scripts) load the inputs with :mod:`.context`, call a step, and save what they want with
+:mod:`soda_backdoor.artifacts` and :func:`soda_backdoor.models.save_model`.
+
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import Callable
+
+import torch
+
+from ..analysis import AttributionConfig, activations, compute_neuron_effects, parse_layer
+from ..artifacts import SampleSet, model_fingerprint
+from ..data import normalize
+from ..detection import DetectionConfig, detect_backdoor
+from ..errors import UserInputError
+from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
+from ..reconstruction import ReconstructionConfig, reconstruct_inputs
+from ..repair import RepairConfig, repair_model
+from ..training import TrainConfig, evaluate_attack, train_model
+from ..utils import seed_everything
+from .context import DataContext, class_inputs
+from .reports import DetectReport, EvaluateReport, ReconstructReport, RepairReport, TrainReport
+
+
+def train(ctx: DataContext, config: TrainConfig, device: torch.device | str = "cpu", arch: str = "cnn",
+          init: LoadedModel | None = None, init_name: str = "", progress: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainReport:
+    """Train a (semantic-backdoored or clean) model on ``ctx``.
+
+    Args:
+        ctx: the data and the attack to plant (``ctx.attack is None``: clean training).
+        config: training settings (``ratio`` is set to 0 for clean training).
+        device: where to train.
+        arch: registry name of the architecture (ignored with ``init``).
+        init: fine-tune this model instead of training a new one (the study's semtune).
+        init_name: what ``init`` was (a path), recorded in the metadata.
+        progress: progress bars.
+        on_epoch: called with each epoch's record.
+    """
+    spec = ctx.data.spec
+    seed_everything(config.seed)
+    if init is not None:
+        module, arch = init.module, init.meta.arch
+    else:
+        module = create_model(arch, spec.num_classes, spec.in_channels, spec.image_size)
+    if ctx.attack is None and config.ratio:
+        config = replace(config, ratio=0.0)
+    result = train_model(module, ctx.data, ctx.splits, ctx.attack, config, spec.mean, spec.std, device,
+                         progress, on_epoch)
+    ev = evaluate_attack(module, ctx.data, ctx.splits, ctx.attack, spec.mean, spec.std, device)
+    meta = ModelMeta(arch=get_model_spec(arch).name, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                     input_size=spec.image_size, mean=spec.mean, std=spec.std, dataset=spec.name,
+                     attack=ctx.attack_name, train_config={**asdict(config), "init": init_name, "acc": ev.acc,
+                                                          "asr": ev.asr})
+    return TrainReport(meta.arch, spec.name, meta.attack, EvaluateReport.from_eval(ev, meta.attack), result.seconds,
+                       result.history, config, LoadedModel(module, meta))
+
+
+def evaluate(model: LoadedModel, ctx: DataContext, device: torch.device | str = "cpu") -> EvaluateReport:
+    """ACC on the clean test split and ASR on the semantic test samples of ``ctx.attack``."""
+    ev = evaluate_attack(model.module, ctx.data, ctx.splits, ctx.attack, model.meta.mean, model.meta.std, device)
+    return EvaluateReport.from_eval(ev, ctx.attack_name)
+
+
+def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None = None, layer: str | None = None,
+           device: torch.device | str = "cpu", seed: int = 0, progress: bool = False) -> DetectReport:
+    """Causal attribution and target/source detection (docs/method.md, sections 2.2-2.3).
+
+    ``ctx.attack`` only keeps the attack's semantic samples out of the clean analysis data;
+    detection itself needs no attack.
+    """
+    config = config or DetectionConfig()
+    t0 = time.perf_counter()
+    seed_everything(seed)
+    ref = parse_layer(model.module, layer)
+    inputs = class_inputs(ctx, model.meta, config.attribution.num_samples, torch.device(device))
+    result, effects = detect_backdoor(model.module, ref, inputs, ctx.data.num_classes, config, progress)
+    return DetectReport(result, tuple(ctx.data.spec.class_names), time.perf_counter() - t0, effects)
+
+
+def check_pair(source: int, target: int, num_classes: int) -> None:
+    """Both classes in range and distinct."""
+    for name, c in (("source", source), ("target", target)):
+        if not 0 <= c < num_classes:
+            raise UserInputError(f"--{name} {c} is out of range 0..{num_classes - 1}")
+    if source == target:
+        raise UserInputError("--source and --target must differ")
+
+
+def reconstruct(model: LoadedModel, ctx: DataContext, source: int, target: int,
+                config: ReconstructionConfig | None = None, device: torch.device | str = "cpu", seed: int = 0,
+                progress: bool = False) -> ReconstructReport:
+    """Reconstruct infected samples of ``source`` that the model sends to ``target`` (docs/method.md, 2.4).
+
+    The starts are the clean training samples of ``source``, in an order drawn with ``seed``.
+    """
+    config = config or ReconstructionConfig()
+    seed_everything(seed)
+    check_pair(source, target, ctx.data.num_classes)
+    idx = ctx.splits.clean_train[ctx.data.y_train[ctx.splits.clean_train] == source]
+    gen = torch.Generator().manual_seed(seed)
+    idx = idx[torch.randperm(len(idx), generator=gen)]
+    starts = normalize(ctx.data.x_train[idx].to(device), model.meta.mean, model.meta.std)
+    rec = reconstruct_inputs(model.module, starts, idx, source, target, config, progress)
+    return ReconstructReport(rec, model_fingerprint(model.module))
+
+
+def rasr(module: torch.nn.Module, x: torch.Tensor, target: int) -> float:
+    """R-ASR: the fraction of (held-out reconstructed, normalised) samples ``x`` sent to ``target``."""
+    with torch.no_grad():
+        return float((module(x).argmax(1) == target).float().mean())
+
+
+def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, samples: SampleSet,
+           config: RepairConfig | None = None,
+           layer: str | None = None, device: torch.device | str = "cpu", num_samples: int = 256,
+           progress: bool = False) -> RepairReport:
+    """Repair ``model`` in place with reconstructed samples (docs/method.md, 2.5).
+
+    ``samples`` must be reconstructed for ``source -> target`` from this model. Every other
+    sample is used for the repair, the rest are held out to measure R-ASR. ACC and ASR are
+    measured on ``ctx`` before and after (ASR needs ``ctx.attack``; without one it is 0).
+    """
+    config = config or RepairConfig()
+    t0 = time.perf_counter()
+    seed_everything(config.seed)
+    module, meta = model.module, model.meta
+    check_pair(source, target, ctx.data.num_classes)
+    samples.check(source, target, model_fingerprint(module), tuple(ctx.data.x_train.shape[1:]))
+    x_fix, x_hold = (x.to(device) for x in samples.split())
+    ref = parse_layer(module, layer)
+    before = evaluate(model, ctx, device)
+    rasr_before = rasr(module, x_hold, target)
+    if config.top < 1.0:
+        inputs = class_inputs(ctx, meta, num_samples, torch.device(device))
+        effects = compute_neuron_effects(module, ref, {source: inputs[source]}, AttributionConfig(num_samples=num_samples))
+        attribution = effects.for_class(source)[:, target]
+    else:
+        with torch.no_grad():
+            h, _ = activations(module, ref, x_hold[:1])
+        attribution = torch.ones(h.shape[1])
+    dfd = ctx.splits.defender
+    x_clean = normalize(ctx.data.x_train[dfd].to(device), meta.mean, meta.std)
+    y_clean = ctx.data.y_train[dfd].to(device)
+    result = repair_model(module, ref, attribution, x_clean, y_clean, x_fix, source, target, config, progress)
+    after = evaluate(model, ctx, device)
+    rasr_after = rasr(module, x_hold, target)
+    note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
+            f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples")
+    return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
+                        source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
+                        config)
