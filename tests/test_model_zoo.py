@@ -110,7 +110,12 @@ def test_build_resume_and_score(tmp_path: Path, capsys) -> None:
     again = json.loads((tmp_path / "s2.json").read_text())
     assert [r["score"] for r in again["rows"]] == [r["score"] for r in report["rows"]]
 
+
+@pytest.mark.slow
+def test_score_neural_cleanse_baseline(tmp_path: Path) -> None:
     # The Neural Cleanse baseline through the same command: it names targets, never sources.
+    out = tmp_path / "zoo"
+    build_zoo(load_zoo_spec(_tiny_zoo_files(tmp_path)), out)
     assert main(["zoo", "score", str(out), "--detector", "nc", "--json", str(tmp_path / "nc.json"), "--quiet"]) == 0
     nc = json.loads((tmp_path / "nc.json").read_text())
     assert nc["detector"] == "nc" and len(nc["rows"]) == 2 and Path(nc["roc_png"]).name == "roc-nc.png"
