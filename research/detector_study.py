@@ -112,7 +112,12 @@ def evaluate(name: str, rows: list[dict], scores: list[np.ndarray]) -> dict:
     hit = [int(np.argmax(s)) == r["target"] for r, s in bad]
     clean_max = max(t for t, v in zip(top, y) if v == 0)
     bad_min = min(t for t, v in zip(top, y) if v == 1)
-    return {"candidate": name, "auc": roc_auc_score(y, top) if 0 < sum(y) < len(y) else None,
+    by_arch = {}
+    for arch in sorted({r["arch"] for r in rows}):
+        ya = [v for r, v in zip(rows, y) if r["arch"] == arch]
+        ta = [t for r, t in zip(rows, top) if r["arch"] == arch]
+        by_arch[arch] = roc_auc_score(ya, ta) if 0 < sum(ya) < len(ya) else None
+    return {"candidate": name, "auc": roc_auc_score(y, top) if 0 < sum(y) < len(y) else None, "auc_by_arch": by_arch,
             "top_is_target": sum(hit) / len(hit), "clean_max": clean_max, "backdoored_min": bad_min,
             "n_clean": len(y) - sum(y), "n_backdoored": sum(y)}
 
@@ -144,11 +149,15 @@ def main(argv: list[str] | None = None) -> None:
                     null = ref_null(dev, r["arch"], "")
                 scores.append(model.predict_proba(with_null(r, null)[:, cols])[:, 1])
             results.append({"zoo": zname, **evaluate(name, rows, scores)})
-    print(f"{'zoo':<6}{'candidate':<34}{'AUC':>7}{'top=target':>12}{'clean max':>11}{'bd min':>9}{'n':>8}")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    archs = sorted({a for r in results for a in r["auc_by_arch"]})
+    print(f"{'zoo':<6}{'candidate':<34}{'AUC':>7}" + "".join(f"{'AUC ' + a:>11}" for a in archs)
+          + f"{'top=target':>12}{'clean max':>11}{'bd min':>9}{'n':>8}")
     for r in results:
-        auc = "-" if r["auc"] is None else f"{r['auc']:.3f}"
-        print(f"{r['zoo']:<6}{r['candidate']:<34}{auc:>7}{r['top_is_target']:>12.3f}{r['clean_max']:>11.3f}"
-              f"{r['backdoored_min']:>9.3f}{r['n_clean']:>4}/{r['n_backdoored']:<3}")
+        print(f"{r['zoo']:<6}{r['candidate']:<34}{fmt(r['auc']):>7}"
+              + "".join(f"{fmt(r['auc_by_arch'].get(a)):>11}" for a in archs)
+              + f"{r['top_is_target']:>12.3f}{r['clean_max']:>11.3f}{r['backdoored_min']:>9.3f}"
+                f"{r['n_clean']:>4}/{r['n_backdoored']:<3}")
     if args.json:
         meta = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
                 "torch": torch.__version__, "argv": sys.argv[1:]}
