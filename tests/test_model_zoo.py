@@ -156,3 +156,21 @@ def test_zoo_repair_runs_each_method_and_resumes(tmp_path: Path, capsys) -> None
     assert main(["zoo", "repair", str(out), "--methods", "finetune", "--quiet"]) == 0
     assert len((out / "repairs" / "results-seed0.jsonl").read_text().splitlines()) == 2
     assert main(["zoo", "repair", str(out), "--methods", "nope"]) == 2
+
+
+def test_repair_cli_baseline_method(tmp_path: Path, capsys) -> None:
+    spec = load_zoo_spec(_tiny_zoo_files(tmp_path, recipe="epochs = 20\naugment_clean = false"))
+    out = tmp_path / "zoo"
+    build_zoo(spec, out)
+    bad = next(r for r in read_manifest(out).values() if r["attack"] == "patch")
+    common = ["--model", str(out / bad["file"]), "--data-dir", str(tmp_path / "tiny.npz"),
+              "--attack-file", str(tmp_path / "attacks.json")]
+    assert main(["repair", *common, "--method", "finetune", "--out", str(tmp_path / "ft.safetensors"),
+                 "--json", str(tmp_path / "ft.json"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "ft.json").read_text())
+    assert res["method"] == "finetune" and res["asr_before"] == pytest.approx(bad["asr"])
+    assert 0 <= res["asr_after"] <= 1 and res["rasr_after"] is None and (tmp_path / "ft.safetensors").is_file()
+    assert "repaired by finetune" in capsys.readouterr().out
+    # soda's repair needs the pair and the samples: one line naming what is missing
+    assert main(["repair", *common, "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--method soda needs --source, --target, --samples" in capsys.readouterr().err

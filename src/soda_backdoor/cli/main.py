@@ -166,11 +166,16 @@ def _add_repair(sub) -> None:
     p = sub.add_parser("repair", help="remove the backdoor by fine-tuning on reconstructed samples",
                        description="Fine-tune the model on a clean defender subset plus reconstructed samples "
                                    "pushed away from the target. By default every neuron is tuned (no mask); "
-                                   "--top < 1 tunes only that fraction of the neurons at --layer.")
+                                   "--top < 1 tunes only that fraction of the neurons at --layer. --method picks a "
+                                   "baseline defense instead, on the same clean budget (docs/baselines.md).")
     _common(p, model=True)
-    p.add_argument("--source", type=int, required=True)
-    p.add_argument("--target", type=int, required=True)
-    p.add_argument("--samples", required=True, help=".npz from `soda reconstruct`")
+    p.add_argument("--method", default="soda", choices=["soda", "finetune", "fineprune", "nad", "anp"],
+                   help="soda (default: needs --source, --target, --samples), or a baseline on the same clean "
+                        "budget: finetune, fineprune (Liu et al. 2018), nad (Li et al. 2021), anp (Wu and Wang "
+                        "2021); see docs/baselines.md")
+    p.add_argument("--source", type=int, default=None)
+    p.add_argument("--target", type=int, default=None)
+    p.add_argument("--samples", default=None, help=".npz from `soda reconstruct`")
     p.add_argument("--out", required=True, help="repaired model file (.safetensors)")
     p.add_argument("--layer", default=None, help="layer of the mask (default: input of the last Linear)")
     _repair_args(p)
@@ -393,12 +398,33 @@ def _cmd_repair(args) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise UserInputError(f"--out must end in .safetensors, got {args.out}")
+    if args.method != "soda":
+        return _repair_baseline(args)
+    missing = [f"--{n}" for n in ("source", "target", "samples") if getattr(args, n) is None]
+    if missing:
+        raise UserInputError(f"--method soda needs {', '.join(missing)} (from `soda detect` and `soda reconstruct`)")
     config = _repair_config(args)
     loaded, ctx, device = _model_and_context(args, required=True, seed=config.seed)
     rep = repair(loaded, ctx, args.source, args.target, load_samples(args.samples), config, args.layer, device, progress=not args.quiet)
     save_model(args.out, rep.model.module, rep.model.meta)
     res = replace(rep, model_path=str(args.out)).to_dict()
     _emit(args, res, f"{format_repair(res)}\nrepaired in {res['seconds']:.1f}s -> {res['model']}")
+    return 0
+
+
+def _repair_baseline(args) -> int:
+    from ..models import save_model
+    from ..repair import BaselineRepairConfig
+    from ..workflow import repair_baseline
+
+    config = BaselineRepairConfig(seed=args.seed)
+    loaded, ctx, device = _model_and_context(args, required=True, seed=args.seed)
+    rep = repair_baseline(loaded, ctx, args.method, config, args.layer, device, progress=not args.quiet)
+    save_model(args.out, rep.model.module, rep.model.meta)
+    res = replace(rep, model_path=str(args.out)).to_dict()
+    _emit(args, res, f"{'':<8}{'before':>8}{'after':>8}\n{'ACC':<8}{res['acc_before']:>8.4f}{res['acc_after']:>8.4f}\n"
+                     f"{'ASR':<8}{res['asr_before']:>8.4f}{res['asr_after']:>8.4f}\n"
+                     f"repaired by {args.method} in {res['seconds']:.1f}s -> {res['model']}")
     return 0
 
 

@@ -14,10 +14,10 @@ Example:
 
 from .context import DataContext, check_model_fits, class_inputs, load_context, open_model, resolve_attack
 from .pipeline import PipelineConfig, PipelineReport, StepRecord, run_pipeline
-from .reports import DetectReport, EvaluateReport, ReconstructReport, RepairReport, TrainReport
-from .steps import check_pair, detect, evaluate, rasr, reconstruct, repair, train
+from .reports import BaselineRepairReport, DetectReport, EvaluateReport, ReconstructReport, RepairReport, TrainReport
+from .steps import check_pair, detect, evaluate, rasr, reconstruct, repair, repair_baseline, train
 
-__all__ = ["DataContext", "DetectReport", "EvaluateReport", "PipelineConfig", "PipelineReport", "ReconstructReport",
+__all__ = ["BaselineRepairReport", "DataContext", "DetectReport", "EvaluateReport", "PipelineConfig", "PipelineReport", "ReconstructReport",
            "RepairReport", "StepRecord", "TrainReport", "check_model_fits", "check_pair", "class_inputs", "detect",
-           "evaluate", "load_context", "open_model", "rasr", "reconstruct", "repair", "resolve_attack", "run_pipeline",
+           "evaluate", "load_context", "open_model", "rasr", "reconstruct", "repair", "repair_baseline", "resolve_attack", "run_pipeline",
            "train"]

@@ -15,7 +15,7 @@ from ..analysis import NeuronEffects
 from ..detection import DetectionResult
 from ..models import LoadedModel
 from ..reconstruction import Reconstruction
-from ..repair import RepairConfig, RepairResult
+from ..repair import BaselineRepairResult, RepairConfig, RepairResult
 from ..training import EvalResult, TrainConfig
 
 
@@ -135,3 +135,23 @@ class RepairReport:
                 "target": self.target, "model": self.model_path, "seconds": self.seconds,
                 "repair_seconds": self.result.seconds, "history": self.result.history,
                 "config": asdict(self.config)}
+
+
+@dataclass(frozen=True)
+class BaselineRepairReport:
+    """ACC and ASR before and after a baseline repair (no reconstructed samples, so no R-ASR)."""
+
+    method: str
+    before: EvaluateReport
+    after: EvaluateReport
+    n_defender: int
+    seconds: float
+    result: BaselineRepairResult = field(repr=False, compare=False)
+    model: LoadedModel = field(repr=False, compare=False)
+    model_path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "acc_before": self.before.acc, "asr_before": self.before.asr,
+                "acc_after": self.after.acc, "asr_after": self.after.asr, "rasr_before": None, "rasr_after": None,
+                "n_clean": self.after.n_clean, "n_semantic": self.after.n_semantic, "n_defender": self.n_defender,
+                "model": self.model_path, "seconds": self.seconds, "repair": self.result.to_dict()}

@@ -56,28 +56,20 @@ def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _repair_baseline(task: dict[str, Any]) -> dict[str, Any]:
-    from ..data import normalize
     from ..models import save_model
-    from ..repair import BaselineRepairConfig, repair_with
-    from ..utils import resolve_device, seed_everything
-    from ..workflow import evaluate, open_model
+    from ..repair import BaselineRepairConfig
+    from ..utils import resolve_device
+    from ..workflow import open_model, repair_baseline
     from .build import worker_context
 
     device = resolve_device(task["device"])
-    seed_everything(task["seed"])
     ctx = worker_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None,
                          task["seed"])
-    loaded = open_model(task["path"], ctx.data, device)
-    model, meta = loaded.module, loaded.meta
-    before = evaluate(loaded, ctx, device)
-    dfd = ctx.splits.defender
-    x = normalize(ctx.data.x_train[dfd].to(device), meta.mean, meta.std)
-    y = ctx.data.y_train[dfd].to(device)
-    repair_with(task["method"], model, None, x, y, BaselineRepairConfig(seed=task["seed"]))
-    after = evaluate(loaded, ctx, device)
-    save_model(Path(task["work"]) / f"{task['key']}.safetensors", model, meta.with_note(f"repaired by {task['method']}"))
-    return {"detected": None, "acc_before": before.acc, "asr_before": before.asr, "acc_after": after.acc,
-            "asr_after": after.asr, "rasr_before": None, "rasr_after": None, "repaired": True}
+    rep = repair_baseline(open_model(task["path"], ctx.data, device), ctx, task["method"],
+                          BaselineRepairConfig(seed=task["seed"]), None, device)
+    save_model(Path(task["work"]) / f"{task['key']}.safetensors", rep.model.module, rep.model.meta)
+    return {"detected": None, "acc_before": rep.before.acc, "asr_before": rep.before.asr, "acc_after": rep.after.acc,
+            "asr_after": rep.after.asr, "rasr_before": None, "rasr_after": None, "repaired": True}
 
 
 def _repair_task(task: dict[str, Any]) -> dict[str, Any]:
