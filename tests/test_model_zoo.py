@@ -174,3 +174,14 @@ def test_repair_cli_baseline_method(tmp_path: Path, capsys) -> None:
     # soda's repair needs the pair and the samples: one line naming what is missing
     assert main(["repair", *common, "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--method soda needs --source, --target, --samples" in capsys.readouterr().err
+
+
+def test_repair_verdict_says_when_the_repair_is_partial() -> None:
+    from soda_backdoor.reporting.report import repair_verdict
+
+    base = {"acc_before": 0.90, "acc_after": 0.893, "asr_before": 0.94, "rasr_before": 1.0, "rasr_after": 0.0,
+            "n_semantic": 18}
+    assert repair_verdict({**base, "asr_after": 0.056}).startswith("Repaired:")
+    partial = repair_verdict({**base, "asr_after": 0.5})
+    assert partial.startswith("Partial repair: 0.50 of the real semantic test samples") and "0.7 points" in partial
+    assert "not measured" in repair_verdict({**base, "asr_after": 0.0, "n_semantic": 0})

@@ -19,6 +19,24 @@ from . import plots
 from .text import class_label
 
 
+
+GOOD_ASR = 0.10
+
+
+def repair_verdict(rep: dict) -> str:
+    """One plain sentence on what the repair achieved on the real semantic samples, not just R-ASR."""
+    loss = (rep["acc_before"] - rep["acc_after"]) * 100
+    cost = f"at {loss:.1f} points of clean accuracy" if loss > 0 else "with no loss of clean accuracy"
+    if not rep.get("n_semantic"):
+        return (f"R-ASR went from {rep['rasr_before']:.2f} to {rep['rasr_after']:.2f} {cost}; the attack's real "
+                "semantic samples are unknown here, so whether the backdoor is gone on real inputs is not measured.")
+    if rep["asr_after"] <= GOOD_ASR:
+        return (f"Repaired: the real semantic test samples sent to the target fell from {rep['asr_before']:.2f} "
+                f"to {rep['asr_after']:.2f} (R-ASR {rep['rasr_before']:.2f} -> {rep['rasr_after']:.2f}), {cost}.")
+    return (f"Partial repair: {rep['asr_after']:.2f} of the real semantic test samples still go to the target "
+            f"(before {rep['asr_before']:.2f}), although R-ASR on the reconstructed samples is "
+            f"{rep['rasr_after']:.2f}: the reconstructed samples did not cover the real feature. {cost[0].upper()}{cost[1:]}.")
+
 def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -110,7 +128,10 @@ def render_report(run_dir: str | Path) -> Path:
         sections.append("<h2>Accuracy and attack success</h2>" +
                         _table(rows, ["model", "ACC", "ASR", "clean test samples", "semantic test samples"]))
     if rep:
-        sections.append(_table([["R-ASR (held-out reconstructed samples)", rep["rasr_before"], rep["rasr_after"]]],
+        sections.append("<h2>Repair</h2>" + f"<p><strong>{html.escape(repair_verdict(rep))}</strong></p>" +
+                        _table([["ASR (real semantic test samples)", rep["asr_before"], rep["asr_after"]],
+                                ["R-ASR (held-out reconstructed samples)", rep["rasr_before"], rep["rasr_after"]],
+                                ["ACC (clean test split)", rep["acc_before"], rep["acc_after"]]],
                                ["", "before", "after"]) +
                         f"<p>Repair fine-tuned at layer <code>{html.escape(rep['layer'])}</code> keeping "
                         f"{rep['neurons_kept']} of {rep['num_neurons']} neurons (mask fraction "
