@@ -152,7 +152,7 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
             groups.setdefault(f"arch={r['arch']}", []).append(r)
             groups.setdefault(f"source_blend={r['train']['source_blend']}", []).append(r)
             groups.setdefault(f"augment_clean={r['train']['augment_clean']}", []).append(r)
-        summary[m] = {g: asdict(summarize(v)) for g, v in groups.items()}
+        summary[m] = {g: asdict(summarize(groups[g])) for g in sorted(groups, key=lambda g: (g != "all", g))}
     return {"zoo": str(root), "methods": list(methods), "rows": out_rows, "summary": summary, "errors": errors}
 
 
