@@ -26,7 +26,7 @@ from ..analysis.effects import AttributionConfig, NeuronEffects, compute_neuron_
 from ..analysis.hooks import LayerRef
 from ..analysis.optimize import optimize_batch
 from ..errors import check_at_least, check_choice, check_finite
-from ..utils import cpu_channels_last, eval_mode, frozen
+from ..utils import cpu_channels_last, eval_mode, frozen, inference_batch
 from .stats import OutlierTest, mad_outliers, pearson
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,12 @@ def target_scores(effects: NeuronEffects, num_classes: int) -> Tensor:
 
 @torch.no_grad()
 def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: int,
-                batch_size: int = 512) -> Tensor:
+                batch_size: int | None = None) -> Tensor:
     """``E[c, k]``: mean logit k over the clean samples of class c."""
     out = torch.zeros(num_classes, num_classes, dtype=torch.double)
-    with eval_mode(model):
+    with eval_mode(model), cpu_channels_last(model):
         for c, x in class_inputs.items():
+            batch_size = batch_size or inference_batch(x.device)
             parts = [model(x[i:i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)]
             out[c] = torch.cat(parts).mean(0)
     return out

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.hooks import LayerRef, intervene, parse_layer
 from ..errors import UserInputError
-from ..utils import eval_mode, frozen
+from ..utils import cpu_channels_last, eval_mode, frozen, inference_batch
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,9 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, config: BaselineRepairConfig,
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    with eval_mode(model):
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int | None = None) -> float:
+    batch_size = batch_size or inference_batch(x.device)
+    with eval_mode(model), cpu_channels_last(model):
         correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                       for i in range(0, len(y), batch_size))
     return correct / max(len(y), 1)

@@ -23,6 +23,7 @@ from ..data.datasets import Dataset, normalize
 from ..data.attacks import SemanticAttack
 from ..data.splits import Splits
 from ..errors import check_at_least, check_finite, check_interval
+from ..utils import cpu_channels_last, eval_mode, inference_batch
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +119,17 @@ class TrainResult:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-            batch_size: int = 512, device: torch.device | str = "cpu") -> Tensor:
-    """Predicted labels for uint8 images ``x`` (normalised on the fly)."""
-    was_training = model.training
-    model.eval()
+            batch_size: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Predicted labels for uint8 images ``x`` (normalised on the fly), in inference mode.
+
+    ``batch_size`` defaults to :func:`~soda_backdoor.utils.inference_batch` of ``device``.
+    """
+    batch_size = batch_size or inference_batch(device)
     out = []
-    try:
+    with eval_mode(model), cpu_channels_last(model), torch.inference_mode():
         for i in range(0, len(x), batch_size):
             xb = normalize(x[i:i + batch_size].to(device), mean, std)
             out.append(model(xb).argmax(1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 

@@ -1,0 +1,325 @@
+"""The study's architectures: our audit steps against faithful references of the study's code.
+
+On one model per architecture (a state_dict in the study's layout, from ``--model`` or trained
+briefly here and cached), the same data and the same inputs, one run times each step twice:
+
+* ours: ``soda_backdoor.workflow`` with its defaults;
+* the reference: the procedure of the SODA study's ``semantic_mitigation.py``
+  (github.com/sunbing7/SODA), re-implemented below step by step:
+
+  - evaluate: ``test()``: eval mode, ``no_grad``, batches of 64, clean test split then the
+    semantic test samples;
+  - detect: ``analyze_hidden`` for every class (256 samples, batches of 64, one pass of the
+    rest of the network per neuron), the PCC target score and MAD test, then for a flagged
+    target ``analyze_source_class`` (the mean logits of 256 samples of every class);
+  - reconstruct: ``gen_trigger``, one image at a time with ``torch.optim.SGD`` and early stop;
+  - repair: ``remove``: the masked model (``--top``), ``--epoch`` epochs of ``train_tune``
+    in train mode over the 5% clean subset, each followed by three test passes (clean,
+    semantic, reconstructed), and the test passes before and after.
+
+It prints seconds, peak resident memory above the start of the step, the outcome of each
+side, and the ratio. The reference repair uses the study's settings for striped T-shirts on
+MobileNetV2 (``data/commands.txt``: lr 0.01, reg 0.0005, top 0.5, 5 epochs) unless told.
+
+Usage:
+    python benchmarks/bench_study_archs.py [--arch MobileNetV2 resnet18] [--model ARCH=PATH ...]
+        [--steps evaluate detect reconstruct repair] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from soda_backdoor.analysis import naive_class_attribution, parse_layer
+from soda_backdoor.analysis.hooks import intervene
+from soda_backdoor.artifacts import SampleSet
+from soda_backdoor.detection import DetectionConfig
+from soda_backdoor.detection.detector import SourceEvidence, get_source_rule, mean_logits
+from soda_backdoor.detection.stats import mad_outliers, pearson
+from soda_backdoor.data import normalize
+from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_one_by_one
+from soda_backdoor.training import TrainConfig
+from soda_backdoor.workflow import class_inputs, load_context, open_model
+from soda_backdoor.workflow import steps
+
+STEPS = ("evaluate", "detect", "reconstruct", "repair")
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) of this process above its value at entry, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.rss()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss() - self.base)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.base)
+
+
+def timed(fn):
+    """``(result, seconds, peak MB)`` of ``fn()``."""
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        sec = time.perf_counter() - t0
+    return out, sec, mem.peak / 2**20
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@torch.no_grad()
+def ref_test_pass(module, x_u8, y, mean, std, batch=64) -> float:
+    """The study's ``test()``: eval mode, ``no_grad``, batches of 64; accuracy against ``y``."""
+    module.eval()
+    correct = 0
+    for i in range(0, len(x_u8), batch):
+        out = module(normalize(x_u8[i:i + batch], mean, std))
+        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+    return correct / max(len(y), 1)
+
+
+def ref_evaluate(model, ctx) -> dict:
+    d, sp, m = ctx.data, ctx.splits, model.meta
+    acc = ref_test_pass(model.module, d.x_test[sp.clean_test], d.y_test[sp.clean_test], m.mean, m.std)
+    xs = d.x_test[sp.semantic_test]
+    asr = ref_test_pass(model.module, xs, torch.full((len(xs),), ctx.attack.target), m.mean, m.std)
+    return {"acc": acc, "asr": asr}
+
+
+def ref_detect(model, ctx, layer: str, tau: float) -> dict:
+    """``analyze_hidden`` per class, ``detect_pcc``, then ``analyze_source_class`` per flagged target."""
+    module, k = model.module.eval(), ctx.data.num_classes
+    inputs = class_inputs(ctx, model.meta, 256, torch.device("cpu"))
+    ref = parse_layer(module, layer)
+    mats = torch.stack([naive_class_attribution(module, ref, inputs[c], batch_size=64) for c in range(k)])
+    rho = torch.zeros(k, k)
+    for c in range(k):
+        for j in range(k):
+            if j != c:
+                others = torch.cat([mats[c][:, :j], mats[c][:, j + 1:]], 1).mean(1)
+                rho[c, j] = pearson(mats[c][:, j], others)
+    test = mad_outliers(1.0 - rho.mean(0), tau)
+    pairs = []
+    for t in test.flagged:
+        with torch.no_grad():
+            e = torch.stack([torch.cat([module(inputs[c][i:i + 64]) for i in range(0, 256, 64)]).mean(0)
+                             for c in range(k)])
+        col = e[:, t].clone()
+        col[t] = 0.0
+        pairs.append((int(col.argmax()), t))
+    return {"pairs": pairs}
+
+
+def ref_reconstruct(model, ctx, source: int, target: int, n: int, steps_: int) -> dict:
+    """``gen_trigger``: one image at a time, starts in the same order as ours."""
+    idx = ctx.splits.clean_train[ctx.data.y_train[ctx.splits.clean_train] == source]
+    idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))]
+    starts = normalize(ctx.data.x_train[idx], model.meta.mean, model.meta.std)
+    cfg = ReconstructionConfig(steps=steps_, num_keep=n)
+    kept_x, tried = [], 0
+    for i in range(0, len(starts), 10):  # the study stops at n kept; tried in blocks of 10 to check
+        xs, _, kept = reconstruct_one_by_one(model.module, starts[i:i + 10], target, cfg)
+        for x, k in zip(xs, kept):
+            if len(kept_x) < n:
+                tried += 1
+                if k:
+                    kept_x.append(x)
+        if len(kept_x) >= n:
+            break
+    return {"kept": len(kept_x), "tried": tried, "success": len(kept_x) / max(tried, 1)}
+
+
+def ref_repair(model, ctx, source: int, target: int, samples: SampleSet, layer: str, top: float, epochs: int,
+               lr: float, reg: float) -> dict:
+    """``remove``: masked model, ``train_tune`` epochs (train mode), three test passes per epoch."""
+    module, meta = model.module, model.meta
+    ref = parse_layer(module, layer)
+    x_fix, x_hold = samples.split()
+    d, sp = ctx.data, ctx.splits
+    x_clean = normalize(d.x_train[sp.defender], meta.mean, meta.std)
+    y_clean = d.y_train[sp.defender]
+    inputs = class_inputs(ctx, meta, 256, torch.device("cpu"))
+    a = naive_class_attribution(module.eval(), ref, inputs[source])[:, target]
+    mask = torch.zeros_like(a)
+    mask[a.argsort(descending=True)[:int(len(a) * top)]] = 1.0
+
+    def tests() -> tuple[float, float, float]:
+        with intervene(module, ref, lambda h: h * mask.view([1, -1] + [1] * (h.dim() - 2))):
+            e = ref_evaluate(model, ctx)
+            with torch.no_grad():
+                module.eval()
+                r = float((torch.cat([module(x_hold[i:i + 64]) for i in range(0, len(x_hold), 64)]).argmax(1)
+                           == target).float().mean())
+        return e["acc"], e["asr"], r
+
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    tests()
+    need = 20
+    for _ in range(epochs):
+        module.train()
+        perm = torch.randperm(len(y_clean), generator=gen)
+        for i in range(0, len(perm), 64):
+            b = perm[i:i + 64][:64 - need]
+            pick = torch.randint(0, len(x_fix), (need,), generator=gen)
+            xb = torch.cat([x_clean[b], x_fix[pick]])
+            yb = torch.cat([y_clean[b], torch.full((need,), source)])
+            with intervene(module, ref, lambda h: h * mask.view([1, -1] + [1] * (h.dim() - 2))):
+                out = module(xb)
+            loss = F.cross_entropy(out, yb) - reg * F.cross_entropy(out[-need:], torch.full((need,), target))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tests()
+    module.eval()
+    e = ref_evaluate(model, ctx)  # the recovered (unmasked) model, as the study's final test
+    return {**e, "rasr": float((module(x_hold).argmax(1) == target).float().mean())}
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def brief_model(arch: str, ctx, n: int, epochs: int, cache: Path) -> Path:
+    """Train ``arch`` on ``n`` clean images (+ the semantic samples) for ``epochs``; cached by settings."""
+    path = cache / f"{arch}-stripet-n{n}-e{epochs}.th"
+    if path.exists():
+        return path
+    g = torch.Generator().manual_seed(0)
+    sub = ctx.splits.clean_train[torch.randperm(len(ctx.splits.clean_train), generator=g)[:n]].sort().values
+    small = replace(ctx, splits=replace(ctx.splits, clean_train=sub))
+    cfg = TrainConfig(epochs=epochs, lr=0.05, milestones=(max(1, epochs - 1),), plain_final_epochs=1, seed=0)
+    print(f"training {arch} on {n} images for {epochs} epoch(s) (cached at {path})", flush=True)
+    rep = steps.train(small, cfg, "cpu", arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rep.model.module.state_dict(), path)
+    return path
+
+
+def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dict]:
+    base = open_model(path, ctx.data, torch.device("cpu"), arch=arch)
+    src, tgt = ctx.attack.source, ctx.attack.target
+    rows = []
+
+    def row(step, ours, ref, ours_out, ref_out):
+        (_, so, mo), (_, sr, mr) = ours, ref
+        r = {"arch": arch, "step": step, "ours_s": so, "ref_s": sr, "ratio": sr / so, "ours_mb": mo, "ref_mb": mr,
+             "ours": ours_out, "ref": ref_out}
+        rows.append(r)
+        print(f"{arch:<12}{step:<22}{sr:>9.1f}{so:>9.2f}{sr / so:>8.1f}x{mr:>8.0f}{mo:>8.0f}  "
+              f"ref {ref_out}  ours {ours_out}", flush=True)
+
+    if "evaluate" in which:
+        o = timed(lambda: steps.evaluate(base, ctx))
+        r = timed(lambda: ref_evaluate(base, ctx))
+        row("evaluate", o, r, {"acc": round(o[0].acc, 4), "asr": round(o[0].asr, 4)},
+            {k: round(v, 4) for k, v in r[0].items()})
+    if "detect" in which:
+        cfg = DetectionConfig()
+        o = timed(lambda: steps.detect(base, ctx, cfg))
+        rep = o[0]
+        r = timed(lambda: ref_detect(base, ctx, a.ref_layer or str(parse_layer(base.module, None)), a.ref_tau))
+        row("detect", o, r, {"pairs": [list(p) for p in rep.result.pairs]}, {"pairs": [list(p) for p in r[0]["pairs"]]})
+        # The source step for the true target, timed alone: what a flag adds to ours.
+        inputs = class_inputs(ctx, base.meta, cfg.attribution.num_samples, torch.device("cpu"))
+        e = mean_logits(base.module, inputs, ctx.data.num_classes)
+        ev = SourceEvidence(base.module, inputs, tgt, ctx.data.num_classes, e, cfg)
+        so = timed(lambda: get_source_rule(cfg.source_rule)(ev))
+        sr = timed(lambda: torch.stack([torch.cat([base.module(inputs[c][i:i + 64]) for i in range(0, 256, 64)]).mean(0)
+                                        for c in range(ctx.data.num_classes)]).detach())
+        scores = so[0][0].clone()
+        scores[tgt] = -float("inf")
+        col = sr[0][:, tgt].clone()
+        col[tgt] = -float("inf")
+        row(f"source step (t={tgt})", so, sr, {"source": int(scores.argmax())}, {"source": int(col.argmax())})
+    samples = None
+    if "reconstruct" in which or "repair" in which:
+        rcfg = ReconstructionConfig(num_keep=a.n_recon, steps=a.recon_steps)
+        o = timed(lambda: steps.reconstruct(base, ctx, src, tgt, rcfg))
+        rec = o[0].reconstruction
+        samples = SampleSet.from_reconstruction(rec, o[0].fingerprint)
+        if "reconstruct" in which:
+            r = timed(lambda: ref_reconstruct(base, ctx, src, tgt, a.n_recon, a.recon_steps))
+            row("reconstruct", o, r, {"kept": rec.kept, "tried": rec.tried, "success": round(rec.kept / rec.tried, 4)},
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r[0].items()})
+    if "repair" in which:
+        m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
+        o = timed(lambda: steps.repair(m1, ctx, src, tgt, samples))
+        rep = o[0]
+        r = timed(lambda: ref_repair(m2, ctx, src, tgt, samples, a.ref_layer or str(parse_layer(base.module, None)),
+                                     a.ref_top, a.ref_epochs, a.ref_lr, a.ref_reg))
+        row("repair", o, r, {"acc": round(rep.after.acc, 4), "asr": round(rep.after.asr, 4),
+                             "rasr": round(rep.rasr_after, 4), "acc_before": round(rep.before.acc, 4),
+                             "asr_before": round(rep.before.asr, 4)},
+            {k: round(v, 4) for k, v in r[0].items()})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", default=["MobileNetV2", "resnet18"])
+    ap.add_argument("--model", nargs="*", default=[], help="ARCH=PATH: a state_dict to use instead of training one")
+    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    ap.add_argument("--attack", default="stripet")
+    ap.add_argument("--train-images", type=int, default=20000, help="clean images of the brief training")
+    ap.add_argument("--train-epochs", type=int, default=1)
+    ap.add_argument("--cache", default="runs/bench_study", help="where briefly trained models are kept")
+    ap.add_argument("--n-recon", type=int, default=100)
+    ap.add_argument("--recon-steps", type=int, default=2000)
+    ap.add_argument("--ref-layer", default=None, help="the reference's analysis layer (default: ours)")
+    ap.add_argument("--ref-tau", type=float, default=3.0, help="the reference's --confidence")
+    ap.add_argument("--ref-top", type=float, default=0.5)
+    ap.add_argument("--ref-epochs", type=int, default=5)
+    ap.add_argument("--ref-lr", type=float, default=0.01)
+    ap.add_argument("--ref-reg", type=float, default=0.0005)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ctx = load_context("fmnist", None, a.attack, None)
+    given = dict(m.split("=", 1) for m in a.model)
+    print(f"{'arch':<12}{'step':<22}{'ref s':>9}{'ours s':>9}{'ratio':>9}{'ref MB':>8}{'ours MB':>8}")
+    rows = []
+    for arch in a.arch:
+        path = given.get(arch) or str(brief_model(arch, ctx, a.train_images, a.train_epochs, Path(a.cache)))
+        rows += bench_arch(arch, path, ctx, tuple(a.steps), a)
+    if a.json:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        rec = {"config": vars(a), "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "commit": commit, "machine": platform.machine(), "processor": platform.processor(),
+               "cpus": os.cpu_count()}
+        Path(a.json).write_text(json.dumps(rec, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
