@@ -1,12 +1,13 @@
 """Reading and writing the tool's artifacts: attribution matrices, reconstructed samples.
 
 Model files go through :mod:`soda_backdoor.models.io` (safe loading); this module holds the
-``.npz`` files the steps exchange. Every write is atomic.
+``.npz`` files the steps exchange, and the calibrations (JSON). Every write is atomic.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 
 from .analysis import NeuronEffects
+from .detection.calibration import Calibration
 from .errors import UserInputError
 from .reconstruction import Reconstruction, split_samples
-from .utils import write_atomic
+from .utils import write_atomic, write_json
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -105,3 +107,23 @@ def load_samples(path: str | Path) -> SampleSet:
         raise UserInputError(f"{p} is not a samples file written by `soda reconstruct`: samples of dtype "
                              f"{samples.dtype}")
     return SampleSet(torch.from_numpy(np.ascontiguousarray(samples)).float(), src, tgt, fp, str(p))
+
+
+def save_calibration(path: str | Path, calibration: Calibration) -> None:
+    """A calibration as JSON (written by `soda zoo calibrate`)."""
+    write_json(path, calibration.to_dict())
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration written by :func:`save_calibration`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"calibration file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{p} is not a calibration written by `soda zoo calibrate`: {exc}") from exc
+    try:
+        return Calibration.from_dict(data)
+    except UserInputError as exc:
+        raise UserInputError(f"{p}: {exc}") from exc

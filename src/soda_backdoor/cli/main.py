@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   soda train --dataset fmnist --attack stripet --arch cnn --seed 0 --out m.safetensors
   soda evaluate --model m.safetensors --dataset fmnist --attack stripet --json eval.json
   soda detect --model m.safetensors --dataset fmnist --json detect.json
+  soda detect --model m.safetensors --dataset fmnist --calibration calib.json   # with P(backdoor)
   soda reconstruct --model m.safetensors --dataset fmnist --source 0 --target 2 --out x.npz --json rec.json
   soda repair --model m.safetensors --dataset fmnist --source 0 --target 2 --samples x.npz \\
       --attack stripet --out repaired.safetensors --json repair.json
@@ -148,6 +149,8 @@ def _add_detect(sub) -> None:
     p = sub.add_parser("detect", help="is there a semantic backdoor, and which classes?")
     _common(p, model=True)
     _detect_args(p)
+    p.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: report P(backdoor) "
+                   "and P(class is the target) beside the verdict")
     p.set_defaults(func=_cmd_detect)
 
 
@@ -362,8 +365,14 @@ def _cmd_detect(args) -> int:
     from ..workflow import detect
 
     config = _detection_config(args)
+    calibration = None
+    if args.calibration:
+        from ..artifacts import load_calibration
+
+        calibration = load_calibration(args.calibration)
     loaded, ctx, device = _model_and_context(args, required=False)
-    rep = detect(loaded, ctx, config, args.layer, device, args.seed, progress=not args.quiet)
+    rep = detect(loaded, ctx, config, args.layer, device, args.seed, progress=not args.quiet,
+                 calibration=calibration)
     if args.effects:
         save_effects(args.effects, rep.effects)
     res = replace(rep, model_path=str(args.model)).to_dict()

@@ -1,12 +1,13 @@
-"""``soda zoo build`` and ``soda zoo score``: populations of models, and a detector scored on them."""
+"""``soda zoo build``, ``score``, ``calibrate`` and ``repair``: populations of models, and a detector scored on them."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import subprocess
 import sys
-from dataclasses import asdict
+from pathlib import Path
 
 ZOO_EXAMPLES = """examples:
   soda zoo build zoo/dev.toml --out zoos/dev --jobs 2
@@ -14,12 +15,14 @@ ZOO_EXAMPLES = """examples:
   soda zoo score zoos/dev --json zoos/dev/score.json
   soda zoo score zoos/dev --tau-target 3.5 --json s35.json     # any `soda detect` option
   soda zoo score zoos/dev --detector nc                         # the Neural Cleanse baseline
+  soda zoo calibrate zoos/dev --out calib.json                  # P(backdoor) fitted on dev's scores
+  soda zoo score zoos/test --calibration calib.json             # its log loss and Brier on test
   soda zoo repair zoos/dev --methods soda finetune fineprune nad anp --json repair.json
 """
 
 
 def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
-    """Register ``soda zoo`` with its two verbs."""
+    """Register ``soda zoo`` with its verbs."""
     p = sub.add_parser("zoo", help="build a population of models and score a detector on it",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ZOO_EXAMPLES)
     verbs = p.add_subparsers(dest="zoo_command", required=True, parser_class=parser_class)
@@ -39,9 +42,28 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
                    help="detector to score: soda (default), or nc (Neural Cleanse, the trigger-inversion baseline)")
     s.add_argument("--jobs", type=int, default=1, help="detections at once, one thread each (default 1)")
     s.add_argument("--roc", default=None, help="ROC curve PNG (default DIR/roc-<detector>.png)")
+    s.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: add each model's "
+                   "P(backdoor), its log loss and Brier score, and a reliability plot")
+    s.add_argument("--reliability", default=None, help="reliability plot PNG (default: reliability-<detector>.png "
+                   "next to the ROC curve)")
     common(s, data=False)
     detect_args(s)
     s.set_defaults(func=_cmd_zoo_score)
+    c = verbs.add_parser("calibrate", help="fit P(backdoor) and P(class is the target) to a zoo's scores",
+                         description="Score the zoo as `soda zoo score` does (cached), then fit a logistic map "
+                                     "(Platt scaling, regularised) from the detector's scores to probabilities, per "
+                                     "architecture where the zoo has enough models of it, pooled otherwise. Fit on "
+                                     "the dev zoo; measure with `soda zoo score TEST --calibration` (docs/zoo.md).")
+    c.add_argument("dir", help="a folder written by `soda zoo build`")
+    c.add_argument("--out", required=True, help="the calibration (JSON), for `soda detect --calibration`")
+    c.add_argument("--detector", default="soda", choices=["soda", "nc"], help="whose scores: soda (default) or nc")
+    c.add_argument("--jobs", type=int, default=1, help="detections at once, one thread each (default 1)")
+    c.add_argument("--min-models", type=int, default=4, help="clean and backdoored models an architecture needs "
+                   "for its own fit; with fewer it uses the fit over every model (default 4)")
+    c.add_argument("--pooled", action="store_true", help="one fit over every model for every architecture")
+    common(c, data=False)
+    detect_args(c)
+    c.set_defaults(func=_cmd_zoo_calibrate)
     r = verbs.add_parser("repair", help="repair every working backdoor of a built zoo with each method")
     r.add_argument("dir", help="a folder written by `soda zoo build`")
     r.add_argument("--methods", nargs="+", default=["soda"],
@@ -88,11 +110,9 @@ def _cmd_zoo_build(args) -> int:
     return 1 if rep.failed else 0
 
 
-def _cmd_zoo_score(args) -> int:
-    from pathlib import Path
-
-    from ..utils import write_json
-    from ..zoo.score import format_score, plot_roc, score_zoo
+def _scored_zoo(args):
+    """Score the zoo as ``soda zoo score`` does (the same config, cache and progress lines)."""
+    from ..zoo.score import score_zoo, settings_key
     from .main import _detection_config
 
     _check_jobs(args.jobs)
@@ -102,20 +122,104 @@ def _cmd_zoo_score(args) -> int:
         config = NeuralCleanseConfig(seed=args.seed)
     else:
         config = _detection_config(args)
-    key = hashlib.sha256(json.dumps([asdict(config), args.layer], sort_keys=True).encode()).hexdigest()[:12]
+    key = settings_key(config, args.layer)
 
     def progress(row, done, total):
         if not args.quiet:
             what = f"score {row['score']:.2f}" if "error" not in row else f"FAILED: {row['error']}"
             print(f"[{done}/{total}] {row['key']}: {what}", file=sys.stderr, flush=True)
 
-    score = score_zoo(args.dir, args.detector, config, args.layer, args.jobs, args.device, key, progress)
+    return score_zoo(args.dir, args.detector, config, args.layer, args.jobs, args.device, key, progress), key
+
+
+def _cmd_zoo_score(args) -> int:
+    from ..utils import write_json
+    from ..zoo.score import apply_calibration, format_score, plot_reliability, plot_roc
+
+    calibration = None
+    if args.calibration:
+        from ..artifacts import load_calibration
+        from ..errors import UserInputError
+
+        calibration = load_calibration(args.calibration)
+        if calibration.detector != args.detector:
+            raise UserInputError(f"{args.calibration} calibrates detector {calibration.detector}, not "
+                                 f"{args.detector} (--detector)")
+    score, key = _scored_zoo(args)
     roc = args.roc or str(Path(args.dir) / f"roc-{args.detector}.png")
     plot_roc(score, roc)
+    extra = {"roc_png": roc}
+    if calibration is not None:
+        import warnings
+
+        if calibration.detector_settings and calibration.detector_settings != key:
+            warnings.warn(f"the calibration was fitted on scores of other detector settings "
+                          f"({calibration.detector_settings}, these are {key})", stacklevel=1)
+        score = apply_calibration(score, calibration)
+        extra["reliability_png"] = args.reliability or str(Path(roc).with_name(f"reliability-{args.detector}.png"))
+        plot_reliability(score, extra["reliability_png"])
+        extra["calibration_file"] = str(args.calibration)
     if args.json:
-        write_json(args.json, {**score.to_dict(), "roc_png": roc})
+        write_json(args.json, {**score.to_dict(), **extra})
     print(format_score(score))
     print(f"ROC curve: {roc}")
+    if "reliability_png" in extra:
+        print(f"reliability plot: {extra['reliability_png']}")
+    return 0
+
+
+def _source_commit() -> str:
+    """The git commit of this package's source (``-dirty`` with uncommitted changes), or ``""``."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        return commit + ("-dirty" if commit and run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _zoo_spec(root: Path, keys: list[str]) -> dict[str, str]:
+    """The zoo's name and spec path (from DIR/spec.json) and a hash of its model keys."""
+    spec = {}
+    if (root / "spec.json").is_file():
+        try:
+            spec = json.loads((root / "spec.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            spec = {}
+    return {"name": str(spec.get("name", root.name)), "path": str(spec.get("path", "")),
+            "hash": hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()[:16]}
+
+
+def _cmd_zoo_calibrate(args) -> int:
+    import torch
+
+    from ..artifacts import save_calibration
+    from ..detection import fit_calibration
+    from ..errors import UserInputError
+    from ..utils import write_json
+
+    if args.min_models < 1:
+        raise UserInputError(f"--min-models must be at least 1, got {args.min_models}")
+    score, key = _scored_zoo(args)
+    cal = fit_calibration(score.rows, args.detector, min_clean=args.min_models, min_backdoored=args.min_models,
+                          pooled=args.pooled, zoo=str(args.dir),
+                          zoo_spec=_zoo_spec(Path(args.dir), [r["key"] for r in score.rows]),
+                          detector_settings=key, settings=score.config, torch=torch.__version__,
+                          commit=_source_commit())
+    save_calibration(args.out, cal)
+    if args.json:
+        write_json(args.json, cal.to_dict())
+    print(f"calibration of {cal.describe()}")
+    print(f"{'arch':<10}{'clean':>6}{'bd':>5}  {'P(backdoor) = s(a*score + b)':<32}{'P(class = target) = s(a*AI + b)':<34}")
+    for a in cal.archs:
+        maps = "".join(f"{f'a {m.slope:.3f}, b {m.intercept:.3f}' + (' (a<0->0)' if m.clamped else ''):<32}  "
+                       for m in (a.model, a.target))
+        print(f"{a.arch:<10}{a.num_clean:>6}{a.num_backdoored:>5}  {maps}{'pooled' if a.pooled else ''}".rstrip())
+    for note in cal.notes:
+        print(f"  note: {note}")
+    print(f"-> {args.out}")
     return 0
 
 

@@ -25,11 +25,14 @@ def format_detection(res: dict[str, Any]) -> str:
     names = res.get("class_names") or []
     tt = res["target_test"]
     folded = f", folded {res['folded']}" if res.get("folded") else ""
+    cal = res.get("calibration")
+    probs = cal["class_probabilities"] if cal else []
     lines = [f"layer {res['layer']} ({res['attribution_method']}{folded}), target threshold {tt['threshold']:g}",
-             f"{'class':<18}{'target score':>13}{'anomaly':>10}"]
+             f"{'class':<18}{'target score':>13}{'anomaly':>10}" + (f"{'P(target)':>11}" if probs else "")]
     for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"])):
         mark = "  <- target" if k in tt["flagged"] else ""
-        lines.append(f"{class_label(names, k):<18}{s:>13.4f}{a:>10.2f}{mark}")
+        p = f"{probs[k]:>11.3f}" if probs else ""
+        lines.append(f"{class_label(names, k):<18}{s:>13.4f}{a:>10.2f}{p}{mark}")
     for src in res["sources"]:
         lines.append(f"source scores for target {class_label(names, src['target'])} (rule {src['rule']}):")
         order = sorted(range(len(src["scores"])), key=lambda c: -src["scores"][c])
@@ -44,6 +47,9 @@ def format_detection(res: dict[str, Any]) -> str:
     else:
         lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
                      f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
+    if cal:
+        lines.append(cal["message"] if cal["probability"] is None else
+                     f"P(backdoor) = {cal['probability']:.3f} (calibrated on {cal['fitted_on']})")
     return "\n".join(lines)
 
 

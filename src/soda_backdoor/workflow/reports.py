@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..analysis import NeuronEffects
-from ..detection import DetectionResult
+from ..detection import CalibratedScore, DetectionResult
 from ..models import LoadedModel
 from ..reconstruction import Reconstruction
 from ..repair import BaselineRepairResult, RepairConfig, RepairResult
@@ -60,13 +60,14 @@ class TrainReport:
 
 @dataclass(frozen=True)
 class DetectReport:
-    """The detection verdict, with the class names it refers to."""
+    """The detection verdict, with the class names it refers to (and probabilities, when calibrated)."""
 
     result: DetectionResult
     class_names: tuple[str, ...]
     seconds: float
     effects: NeuronEffects = field(repr=False, compare=False)
     model_path: str = ""
+    calibrated: CalibratedScore | None = None
 
     @property
     def backdoor(self) -> bool:
@@ -82,6 +83,7 @@ class DetectReport:
         out["analysis_seconds"] = self.result.seconds
         out["model"] = self.model_path
         out["class_names"] = list(self.class_names)
+        out["calibration"] = asdict(self.calibrated) if self.calibrated is not None else None
         return out
 
 

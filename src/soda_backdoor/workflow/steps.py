@@ -9,7 +9,9 @@ scripts) load the inputs with :mod:`.context`, call a step, and save what they w
 
 from __future__ import annotations
 
+import json
 import time
+import warnings
 from dataclasses import asdict, replace
 from typing import Callable
 
@@ -18,7 +20,7 @@ import torch
 from ..analysis import AttributionConfig, activations, compute_neuron_effects, parse_layer
 from ..artifacts import SampleSet, model_fingerprint
 from ..data import normalize
-from ..detection import DetectionConfig, detect_backdoor
+from ..detection import Calibration, DetectionConfig, detect_backdoor
 from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
@@ -71,19 +73,44 @@ def evaluate(model: LoadedModel, ctx: DataContext, device: torch.device | str = 
 
 
 def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None = None, layer: str | None = None,
-           device: torch.device | str = "cpu", seed: int = 0, progress: bool = False) -> DetectReport:
+           device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
+           calibration: Calibration | None = None) -> DetectReport:
     """Causal attribution and target/source detection (docs/method.md, sections 2.2-2.3).
 
     ``ctx.attack`` only keeps the attack's semantic samples out of the clean analysis data;
-    detection itself needs no attack.
+    detection itself needs no attack. With a ``calibration`` (``soda zoo calibrate``) the
+    report also carries P(backdoor) and P(class is the target), or, for a model of an arch or
+    dataset the calibration does not cover, the message saying so; the verdict is unchanged.
     """
     config = config or DetectionConfig()
+    if calibration is not None:
+        _check_calibration(calibration, config, layer)
     t0 = time.perf_counter()
     seed_everything(seed)
     ref = parse_layer(model.module, layer)
     inputs = class_inputs(ctx, model.meta, config.attribution.num_samples, torch.device(device))
     result, effects = detect_backdoor(model.module, ref, inputs, ctx.data.num_classes, config, progress)
-    return DetectReport(result, tuple(ctx.data.spec.class_names), time.perf_counter() - t0, effects)
+    calibrated = None
+    if calibration is not None:
+        calibrated = calibration.apply(result.target_test.anomaly_index, model.meta.arch, ctx.data.spec.name)
+    return DetectReport(result, tuple(ctx.data.spec.class_names), time.perf_counter() - t0, effects,
+                        calibrated=calibrated)
+
+
+def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None) -> None:
+    """A soda calibration; a warning when it was fitted on scores of another layer or attribution."""
+    if calibration.detector != "soda":
+        raise UserInputError(f"the calibration maps the scores of detector {calibration.detector}, not soda's; "
+                             "fit one with `soda zoo calibrate DIR --detector soda`")
+    fitted = calibration.settings
+    if not fitted:
+        return
+    mine = json.loads(json.dumps({"layer": layer, "attribution": asdict(config.attribution)}))
+    theirs = {"layer": fitted.get("layer"), "attribution": (fitted.get("detector_config") or {}).get("attribution")}
+    if mine != theirs:
+        warnings.warn(f"the calibration was fitted on scores at layer {theirs['layer'] or 'default'} with "
+                      f"attribution {theirs['attribution']}; this detection uses layer {layer or 'default'} with "
+                      f"{mine['attribution']}, so its probabilities may not apply", stacklevel=3)
 
 
 def check_pair(source: int, target: int, num_classes: int) -> None:

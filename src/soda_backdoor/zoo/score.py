@@ -4,20 +4,24 @@ Every model gets a continuous model-level score (higher: more likely backdoored)
 verdict at the detector's default threshold. Over the zoo: ROC-AUC of the score (clean vs
 working backdoors), true- and false-positive rates of the verdict, whether the flagged
 target is the attack's target, whether the source is right given the right target, and the
-same broken down by architecture, attack and every recipe setting that varies.
+same broken down by architecture, attack and every recipe setting that varies. Given a
+calibration (:func:`apply_calibration`), also how well its probabilities fit the labels:
+log loss (cross-entropy) and Brier score, as TrojAI scores detectors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..detection.calibration import Calibration, model_score
 from ..executor import run_tasks
 from .build import append_jsonl, read_jsonl, read_manifest
 from .spec import POISON_FIELDS
@@ -78,7 +82,7 @@ def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
     loaded, ctx, device = _open(task)
     res = detect(loaded, ctx, task["config"], task["layer"], device).to_dict()
     ai = [a if a == a else 0.0 for a in res["target_test"]["anomaly_index"]]
-    return {"score": max(ai), "flagged": bool(res["backdoor"]), "pairs": [[p["source"], p["target"]]
+    return {"score": model_score(ai), "flagged": bool(res["backdoor"]), "pairs": [[p["source"], p["target"]]
                                                                           for p in res["pairs"]],
             "class_scores": ai, "seconds": time.perf_counter() - start}
 
@@ -106,6 +110,11 @@ def _detect_nc(task: dict[str, Any]) -> dict[str, Any]:
 DETECTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"soda": _detect_soda, "nc": _detect_nc}
 
 
+def settings_key(config: Any, layer: str | None) -> str:
+    """Hash of a detector's settings (a config dataclass and the layer): the name of its score cache."""
+    return hashlib.sha256(json.dumps([asdict(config), layer], sort_keys=True).encode()).hexdigest()[:12]
+
+
 # ----------------------------------------------------------------------------- metrics
 
 @dataclass(frozen=True)
@@ -122,6 +131,40 @@ class GroupScore:
 
 
 @dataclass(frozen=True)
+class CalibrationScore:
+    """How well a calibration's probabilities fit a zoo's labels (lower is better).
+
+    The reference is the best constant in hindsight: the zoo's own base rate, predicted for
+    every model (or class). A calibration that does not beat it adds nothing to the base rate.
+
+    Attributes:
+        fitted_on: what the calibration was fitted on, in words.
+        num_models: clean and backdoored models with a probability.
+        num_uncovered: clean and backdoored models of an arch or dataset the calibration does not cover.
+        log_loss: mean cross-entropy of P(backdoor) (natural log).
+        brier: mean squared error of P(backdoor).
+        reference_log_loss: the same for the zoo's base rate.
+        reference_brier: the same for the zoo's base rate.
+        class_log_loss: mean cross-entropy of P(class is the target) over every class of every model.
+        class_brier: mean squared error of P(class is the target).
+        class_reference_log_loss: the same for the fraction of classes that are targets.
+        class_reference_brier: the same for that fraction.
+    """
+
+    fitted_on: str
+    num_models: int
+    num_uncovered: int
+    log_loss: float | None
+    brier: float | None
+    reference_log_loss: float | None
+    reference_brier: float | None
+    class_log_loss: float | None
+    class_brier: float | None
+    class_reference_log_loss: float | None
+    class_reference_brier: float | None
+
+
+@dataclass(frozen=True)
 class ZooScore:
     """A detector's numbers on a zoo, with the per-model rows."""
 
@@ -132,6 +175,7 @@ class ZooScore:
     rows: list[dict[str, Any]]
     seconds_per_model: float
     config: dict[str, Any] = field(default_factory=dict)
+    calibration: CalibrationScore | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +298,86 @@ def score_zoo(zoo_dir: str | Path, detector: str = "soda", config: Any = None, l
                     {"layer": layer, "detector_config": asdict(config) if config is not None else None})
 
 
+def _losses(y: list[int], p: list[float]) -> tuple[float | None, float | None, float | None, float | None]:
+    """(log loss, Brier, and both for the base rate of ``y`` predicted throughout)."""
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    if not y:
+        return None, None, None, None
+    base = [sum(y) / len(y)] * len(y)
+    return (float(log_loss(y, p, labels=[0, 1])), float(brier_score_loss(y, p, pos_label=1)),
+            float(log_loss(y, base, labels=[0, 1])), float(brier_score_loss(y, base, pos_label=1)))
+
+
+def apply_calibration(score: ZooScore, calibration: Calibration) -> ZooScore:
+    """``score`` with each row's probabilities and the calibration's losses over the zoo.
+
+    Every row gains ``probability`` (P(backdoor)) and ``class_probabilities``; both are
+    ``None`` for a model whose arch or dataset the calibration does not cover (``calibration_note``
+    says why). The losses count the clean and backdoored models with a probability.
+    """
+    rows, y, p, cy, cp, uncovered = [], [], [], [], [], 0
+    for r in score.rows:
+        got = calibration.apply(r["class_scores"], r["arch"], r["dataset"])
+        rows.append({**r, "probability": got.probability, "class_probabilities":
+                     list(got.class_probabilities) if got.probability is not None else None,
+                     "calibration_note": got.message})
+        if r["role"] == "excluded":
+            continue
+        if got.probability is None:
+            uncovered += 1
+            continue
+        bad = r["role"] == "backdoored"
+        y.append(int(bad))
+        p.append(got.probability)
+        cy += [int(bad and k == r["target"]) for k in range(len(r["class_scores"]))]
+        cp += got.class_probabilities
+    ll, brier, ref_ll, ref_brier = _losses(y, p)
+    cll, cbrier, cref_ll, cref_brier = _losses(cy, cp)
+    return replace(score, rows=rows, calibration=CalibrationScore(
+        calibration.describe(), len(y), uncovered, ll, brier, ref_ll, ref_brier, cll, cbrier, cref_ll, cref_brier))
+
+
+def plot_reliability(score: ZooScore, path: str | Path, num_bins: int = 5) -> Path:
+    """The reliability diagram of P(backdoor) over the zoo, as a PNG.
+
+    Models are binned by their probability (``num_bins`` equal-width bins); each point is a
+    bin's mean probability against its fraction of backdoored models (scikit-learn's
+    ``calibration_curve``). A calibrated detector lies on the diagonal. Below: how many models
+    fall at each probability.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    rows = [r for r in score.rows if r["role"] != "excluded" and r.get("probability") is not None]
+    y = [1 if r["role"] == "backdoored" else 0 for r in rows]
+    p = [r["probability"] for r in rows]
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="calibrated")
+    cal = score.calibration
+    if rows:
+        frac, mean_p = calibration_curve(y, p, n_bins=num_bins, strategy="uniform")
+        label = f"{score.detector}: log loss {cal.log_loss:.3f}, Brier {cal.brier:.3f}" if cal else score.detector
+        ax.plot(mean_p, frac, marker="o", lw=2, label=label)
+        hist.hist([[q for q, t in zip(p, y) if not t], [q for q, t in zip(p, y) if t]], bins=20, range=(0, 1),
+                  stacked=True, label=["clean", "backdoored"])
+        hist.legend(loc="upper left", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction backdoored")
+    hist.set_xlabel("P(backdoor)")
+    hist.set_ylabel("models")
+    ax.set_title(f"{Path(score.zoo).name}: {len(rows)} models", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_roc(score: ZooScore, path: str | Path) -> Path:
     """The clean/backdoored ROC curve of the model-level score, as a PNG."""
     import matplotlib
@@ -293,6 +417,15 @@ def format_score(score: ZooScore) -> str:
     for axis, groups in score.breakdown.items():
         for value, g in groups.items():
             lines.append(line(f"{axis}={value}", g))
+    cal = score.calibration
+    if cal is not None:
+        lines.append(f"calibrated probability ({cal.fitted_on}) on {cal.num_models} models"
+                     + (f"; {cal.num_uncovered} not covered" if cal.num_uncovered else "") + ":")
+        lines.append(f"  P(backdoor):       log loss {f(cal.log_loss)} (base rate: {f(cal.reference_log_loss)}), "
+                     f"Brier {f(cal.brier)} (base rate: {f(cal.reference_brier)})")
+        lines.append(f"  P(class = target): log loss {f(cal.class_log_loss)} (base rate: "
+                     f"{f(cal.class_reference_log_loss)}), Brier {f(cal.class_brier)} (base rate: "
+                     f"{f(cal.class_reference_brier)})")
     excluded = [r for r in score.rows if r["role"] == "excluded"]
     if excluded:
         lines.append(f"excluded from the scores: {len(excluded)} model(s)")
