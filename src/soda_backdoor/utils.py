@@ -82,13 +82,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-CPU_INFERENCE_BATCH = 64
-"""Samples per inference pass on the CPU: small batches keep the intermediate maps in the
-cache (MobileNetV2 and ResNet-18 run 1.5-2.5x faster at 64 than at 512; docs/benchmarks.md)."""
+CPU_PASS_BATCH = 32
+"""Rows per forward (and backward) pass on the CPU: small passes keep the intermediate maps in
+the cache. MobileNetV2 infers 2-3x faster in passes of 32 than of 512, and its input gradient
+6x faster; ResNet-18 1.3x; ``cnn`` is indifferent (docs/benchmarks.md)."""
 
 
-def inference_batch(device: torch.device | str, cpu: int = CPU_INFERENCE_BATCH, other: int = 1024) -> int:
-    """Batch size for inference passes on ``device``: ``cpu`` on the CPU, ``other`` elsewhere."""
+def pass_batch(device: torch.device | str, cpu: int = CPU_PASS_BATCH, other: int = 1024) -> int:
+    """Rows per forward or backward pass on ``device``: ``cpu`` on the CPU, ``other`` elsewhere."""
     return cpu if torch.device(device).type == "cpu" else other
 
 

@@ -283,13 +283,16 @@ def naive_class_attribution(model: nn.Module, ref: LayerRef, x: Tensor, delta: f
                             batch_size: int = 64) -> Tensor:
     """The study's procedure: for each batch and each neuron, one forward pass of ``g``.
 
-    Used as the reference in tests and benchmarks; slow by design.
+    ``g`` is the chain of modules after the layer when there is one (the study's split
+    model), else a stub pass of the whole network. Used as the reference in tests and
+    benchmarks; slow by design.
     """
     total = None
+    tail = trace_downstream(model, ref, x[:4]).tail(0)
     for s in range(0, len(x), batch_size):
         xb = x[s:s + batch_size]
         h, logits = activations(model, ref, xb)
-        g, _ = make_head(model, ref, xb, h, logits)
+        g, _ = make_head(model, ref, xb, h, logits, tail)
         rows = []
         for i in range(h.shape[1]):
             hh = h.clone()

@@ -26,7 +26,7 @@ from ..analysis.effects import AttributionConfig, NeuronEffects, compute_neuron_
 from ..analysis.hooks import LayerRef
 from ..analysis.optimize import optimize_batch
 from ..errors import check_at_least, check_choice, check_finite
-from ..utils import cpu_channels_last, eval_mode, frozen, inference_batch
+from ..utils import cpu_channels_last, eval_mode, frozen, pass_batch
 from .stats import OutlierTest, mad_outliers, pearson
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class DetectionConfig:
     tau_target: float = 4.5
     tau_source: float = 2.0
     source_rule: str = "fastest"
-    source_samples: int = 64
+    source_samples: int = 32
     source_steps: int = 50
     source_lr: float = 0.01
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
@@ -137,7 +137,7 @@ def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: 
     out = torch.zeros(num_classes, num_classes, dtype=torch.double)
     with eval_mode(model), cpu_channels_last(model):
         for c, x in class_inputs.items():
-            batch_size = batch_size or inference_batch(x.device)
+            batch_size = batch_size or pass_batch(x.device)
             parts = [model(x[i:i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)]
             out[c] = torch.cat(parts).mean(0)
     return out

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..analysis.optimize import loss_per_sample as _loss
 from ..analysis.optimize import optimize_batch
-from ..utils import cpu_channels_last, eval_mode, frozen
+from ..utils import cpu_channels_last, eval_mode, frozen, pass_batch
 from ..errors import check_at_least, check_finite
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def reconstruct_inputs(model: nn.Module, starts: Tensor, start_indices: Tensor, 
             res = optimize_batch(model, x0, target, config, progress)
             x, steps, prob = res.x, res.steps, res.prob
             with torch.no_grad():
-                pred = torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
+                b = pass_batch(x.device)
+                pred = torch.cat([model(x[i:i + b]).argmax(1) for i in range(0, len(x), b)])
             ok = (pred == target).nonzero().flatten()
             # Like the sequential procedure: starts are tried in order until enough are kept.
             if len(ok) > need:

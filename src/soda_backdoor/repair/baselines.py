@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.hooks import LayerRef, intervene, parse_layer
 from ..errors import UserInputError
-from ..utils import cpu_channels_last, eval_mode, frozen, inference_batch
+from ..utils import cpu_channels_last, eval_mode, frozen, pass_batch
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, config: BaselineRepairConfig,
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int | None = None) -> float:
-    batch_size = batch_size or inference_batch(x.device)
+    batch_size = batch_size or pass_batch(x.device)
     with eval_mode(model), cpu_channels_last(model):
         correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                       for i in range(0, len(y), batch_size))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.hooks import LayerRef, intervene
 from ..errors import check_at_least, check_finite, check_interval
+from ..utils import cpu_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +127,19 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
     n_recon = min(config.num_recon, len(x_recon)) if len(x_recon) else 0
     k_clean = config.batch_size - n_recon
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    history = []
-    n = len(y_clean)
-    steps = (n + k_clean - 1) // k_clean
+    steps = (len(y_clean) + k_clean - 1) // k_clean
     use_mask = config.top < 1.0
+    with cpu_channels_last(model):
+        history = _fine_tune(model, ref, mask, use_mask, x_clean, y_clean, x_recon, n_recon, k_clean, steps, opt,
+                             gen, source, target, config, progress)
+    model.eval()
+    return RepairResult(mask, int(mask.sum()), mask.numel(), history, config, time.perf_counter() - t0)
+
+
+def _fine_tune(model, ref, mask, use_mask, x_clean, y_clean, x_recon, n_recon, k_clean, steps, opt, gen, source,
+               target, config, progress) -> list[dict[str, float]]:
+    """The epochs of :func:`repair_model` (weights in channels-last layout on the CPU)."""
+    device, n, history = x_clean.device, len(y_clean), []
     for epoch in range(config.epochs):
         model.train(config.bn_train)
         perm = torch.randperm(n, generator=gen).to(device)
@@ -160,5 +170,4 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
             seen += len(yb)
         history.append({"epoch": epoch + 1, "loss": tot / max(seen, 1)})
         logger.info("repair epoch %d: loss %.4f", epoch + 1, tot / max(seen, 1))
-    model.eval()
-    return RepairResult(mask, int(mask.sum()), mask.numel(), history, config, time.perf_counter() - t0)
+    return history

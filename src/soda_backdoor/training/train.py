@@ -23,7 +23,7 @@ from ..data.datasets import Dataset, normalize
 from ..data.attacks import SemanticAttack
 from ..data.splits import Splits
 from ..errors import check_at_least, check_finite, check_interval
-from ..utils import cpu_channels_last, eval_mode, inference_batch
+from ..utils import cpu_channels_last, eval_mode, pass_batch
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ def predict(model: nn.Module, x: Tensor, mean: tuple[float, ...], std: tuple[flo
             batch_size: int | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Predicted labels for uint8 images ``x`` (normalised on the fly), in inference mode.
 
-    ``batch_size`` defaults to :func:`~soda_backdoor.utils.inference_batch` of ``device``.
+    ``batch_size`` defaults to :func:`~soda_backdoor.utils.pass_batch` of ``device``.
     """
-    batch_size = batch_size or inference_batch(device)
+    batch_size = batch_size or pass_batch(device)
     out = []
     with eval_mode(model), cpu_channels_last(model), torch.inference_mode():
         for i in range(0, len(x), batch_size):
