@@ -10,8 +10,9 @@ briefly here and cached), the same data and the same inputs, one run times each 
   - evaluate: ``test()``: eval mode, ``no_grad``, batches of 64, clean test split then the
     semantic test samples;
   - detect: ``analyze_hidden`` for every class (256 samples, batches of 64, one pass of the
-    rest of the network per neuron), the PCC target score and MAD test, then for a flagged
-    target ``analyze_source_class`` (the mean logits of 256 samples of every class);
+    rest of the network per neuron, each output moved to numpy as the study does), the PCC
+    target score and MAD test, then for a flagged target ``analyze_source_class`` (the mean
+    logits of 256 samples of every class);
   - reconstruct: ``gen_trigger``, one image at a time with ``torch.optim.SGD`` and early stop;
   - repair: ``remove``: the masked model (``--top``), ``--epoch`` epochs of ``train_tune``
     in train mode over the 5% clean subset, each followed by three test passes (clean,
@@ -39,10 +40,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soda_backdoor.analysis import naive_class_attribution, parse_layer
+from soda_backdoor.analysis import activations, naive_class_attribution, parse_layer
+from soda_backdoor.analysis.effects import make_head
+from soda_backdoor.analysis.fold import trace_downstream
 from soda_backdoor.analysis.hooks import intervene
 from soda_backdoor.artifacts import SampleSet
 from soda_backdoor.detection import DetectionConfig
@@ -118,12 +122,33 @@ def ref_evaluate(model, ctx) -> dict:
     return {"acc": acc, "asr": asr}
 
 
+@torch.no_grad()
+def study_analyze_hidden(module, ref, x, batch: int = 64) -> torch.Tensor:
+    """``analyze_hidden`` as the study writes it: per batch, per neuron, clone, shift, run the tail
+    (its split model's second half), move the output to numpy; then stack and average."""
+    tail = trace_downstream(module, ref, x[:4]).tail(0)
+    avg = []
+    for s in range(0, len(x), batch):
+        xb = x[s:s + batch]
+        h, logits = activations(module, ref, xb)
+        g, _ = make_head(module, ref, xb, h, logits, tail)
+        flat = torch.clone(h.reshape(len(h), -1))
+        per_neuron = []
+        for i in range(flat.shape[1]):
+            moved = torch.clone(flat)
+            moved[:, i] = flat[:, i] + 1
+            per_neuron.append(g(moved.reshape(h.shape)).cpu().detach().numpy())
+        per_neuron = np.abs(logits.cpu().numpy() - np.array(per_neuron))
+        avg.append(np.mean(per_neuron, axis=1))
+    return torch.from_numpy(np.mean(np.array(avg), axis=0)).float()
+
+
 def ref_detect(model, ctx, layer: str, tau: float) -> dict:
     """``analyze_hidden`` per class, ``detect_pcc``, then ``analyze_source_class`` per flagged target."""
     module, k = model.module.eval(), ctx.data.num_classes
     inputs = class_inputs(ctx, model.meta, 256, torch.device("cpu"))
     ref = parse_layer(module, layer)
-    mats = torch.stack([naive_class_attribution(module, ref, inputs[c], batch_size=64) for c in range(k)])
+    mats = torch.stack([study_analyze_hidden(module, ref, inputs[c]) for c in range(k)])
     rho = torch.zeros(k, k)
     for c in range(k):
         for j in range(k):
@@ -167,17 +192,19 @@ def ref_reconstruct(model, ctx, source: int, target: int, n: int, steps_: int) -
     return {"kept": len(kept_x), "tried": tried, "success": len(kept_x) / max(tried, 1)}
 
 
-def ref_repair(model, ctx, source: int, target: int, samples: SampleSet, layer: str, top: float, epochs: int,
-               lr: float, reg: float) -> dict:
-    """``remove``: masked model, ``train_tune`` epochs (train mode), three test passes per epoch."""
+def ref_repair(model, ctx, source: int, target: int, samples: SampleSet, layer: str, attribution: torch.Tensor,
+               top: float, epochs: int, lr: float, reg: float) -> dict:
+    """``remove``: masked model, ``train_tune`` epochs (train mode), three test passes per epoch.
+
+    ``attribution``: ``A_s[:, t]``, which the study reads from its analysis files.
+    """
     module, meta = model.module, model.meta
     ref = parse_layer(module, layer)
     x_fix, x_hold = samples.split()
     d, sp = ctx.data, ctx.splits
     x_clean = normalize(d.x_train[sp.defender], meta.mean, meta.std)
     y_clean = d.y_train[sp.defender]
-    inputs = class_inputs(ctx, meta, 256, torch.device("cpu"))
-    a = naive_class_attribution(module.eval(), ref, inputs[source])[:, target]
+    a = attribution
     mask = torch.zeros_like(a)
     mask[a.argsort(descending=True)[:int(len(a) * top)]] = 1.0
 
@@ -283,8 +310,11 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
         m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
         o = timed(lambda: steps.repair(m1, ctx, src, tgt, samples))
         rep = o[0]
-        r = timed(lambda: ref_repair(m2, ctx, src, tgt, samples, a.ref_layer or str(parse_layer(base.module, None)),
-                                     a.ref_top, a.ref_epochs, a.ref_lr, a.ref_reg))
+        layer = a.ref_layer or str(parse_layer(base.module, None))
+        inputs = class_inputs(ctx, base.meta, 256, torch.device("cpu"))
+        attribution = naive_class_attribution(m2.module.eval(), parse_layer(m2.module, layer), inputs[src])[:, tgt]
+        r = timed(lambda: ref_repair(m2, ctx, src, tgt, samples, layer, attribution, a.ref_top, a.ref_epochs,
+                                     a.ref_lr, a.ref_reg))
         row("repair", o, r, {"acc": round(rep.after.acc, 4), "asr": round(rep.after.asr, 4),
                              "rasr": round(rep.rasr_after, 4), "acc_before": round(rep.before.acc, 4),
                              "asr_before": round(rep.before.asr, 4)},

@@ -73,3 +73,24 @@ def test_transfer_steps_ranks_closer_class_first():
     steps = transfer_steps(model, [(near, 2), (far, 2)], steps=200)
     assert 0 < steps[0] < steps[1] < 200
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_transfer_steps_only_fastest_keeps_the_fastest_group_exactly():
+    """Giving up on groups that cannot be the fastest changes neither the argmin nor its mean."""
+    from torch import nn
+
+    from soda_backdoor.detection import transfer_steps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3, 4) * 3.0)
+        model[1].bias.zero_()
+    groups = [(torch.tensor([1.0, 0.0, a, 0.0]) + 0.1 * torch.randn(8, 4), 2) for a in (0.9, 0.3, -0.3, -0.9)]
+    groups = [(x.view(8, 1, 2, 2), t) for x, t in groups]
+    full = transfer_steps(model, groups, steps=200, lr=0.01)
+    fast = transfer_steps(model, groups, steps=200, lr=0.01, only_fastest=True)
+    assert int(full.argmin()) == int(fast.argmin()) == 0
+    assert torch.allclose(fast[0], full[0]) and float(full[0]) < 200
+    assert bool((fast >= full - 1e-9).all())  # the others are upper bounds
+    assert bool((fast > full + 1).any())  # and some group was given up early

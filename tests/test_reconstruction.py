@@ -1,5 +1,7 @@
 """Batched reconstruction equals the one-at-a-time procedure."""
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ def test_batched_matches_one_by_one():
     model = _tiny_model()
     torch.manual_seed(1)
     starts = torch.randn(12, 1, 6, 6)
-    cfg = ReconstructionConfig(steps=40, lr=0.1, reg=0.1, threshold=0.95, num_keep=12, batch_size=12)
+    cfg = ReconstructionConfig(steps=40, lr=0.1, reg=0.1, threshold=0.95, num_keep=12, batch_size=12,
+                               stop_when_kept=False)
     rec = reconstruct_inputs(model, starts, torch.arange(12), source=0, target=2, config=cfg)
     xs, steps, kept = reconstruct_one_by_one(model, starts, 2, cfg)
     kept_idx = [i for i, k in enumerate(kept) if k]
@@ -35,6 +38,20 @@ def test_batched_matches_one_by_one():
         probs = torch.softmax(model(rec.samples), 1)
     assert (probs.argmax(1) == 2).all()
     assert torch.allclose(probs[:, 2], rec.target_prob, atol=1e-4)
+
+
+def test_stop_when_kept_stops_the_slow_starts():
+    """With enough starts past the threshold, the others stop; the kept ones are those of the full run."""
+    model = _tiny_model()
+    torch.manual_seed(1)
+    starts = torch.randn(12, 1, 6, 6)
+    full_cfg = ReconstructionConfig(steps=40, lr=0.1, reg=0.1, threshold=0.95, num_keep=3, batch_size=12,
+                                    stop_when_kept=False)
+    full = reconstruct_inputs(model, starts, torch.arange(12), 0, 2, full_cfg)
+    cut = reconstruct_inputs(model, starts, torch.arange(12), 0, 2, replace(full_cfg, stop_when_kept=True))
+    assert cut.kept == full.kept == 3
+    fast = set(full.start_indices[full.steps < full.steps.max()].tolist())
+    assert set(cut.start_indices.tolist()) >= fast and int(cut.steps.max()) <= int(full.steps.max())
 
 
 def test_keeps_at_most_num_keep_in_start_order():

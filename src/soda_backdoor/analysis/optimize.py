@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +61,12 @@ class OptimResult:
     crossing: Tensor
 
 
+RowStop = Callable[[int, Tensor, Tensor], Tensor]
+"""``stop(steps_taken, crossing, active) -> rows to stop now`` (a boolean mask), called before each step."""
+
+
 def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: OptimSettings,
-                   progress: bool = False, chunk: int | None = None) -> OptimResult:
+                   progress: bool = False, chunk: int | None = None, stop: RowStop | None = None) -> OptimResult:
     """Optimise every row of ``x0`` independently, in one batch.
 
     Args:
@@ -72,6 +76,8 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
         config: optimisation settings.
         progress: progress bar.
         chunk: rows per forward and backward pass (default: :func:`~soda_backdoor.utils.pass_batch`).
+        stop: rows to give up on before a step (their ``crossing`` stays ``config.steps``);
+            every running row has taken the same number of steps, passed as the first argument.
 
     Returns:
         final inputs, steps and target probabilities per row (see :class:`OptimResult`).
@@ -87,7 +93,9 @@ def optimize_batch(model: nn.Module, x0: Tensor, target: int | Tensor, config: O
     crossing = torch.full((len(x),), float(config.steps), device=x.device)
     log_th = math.log(config.threshold)
     bar = tqdm(range(config.steps), desc="reconstruct", disable=not progress, leave=False, unit="step")
-    for _ in bar:
+    for taken in bar:
+        if stop is not None and taken:
+            active &= ~stop(taken, crossing, active)
         idx = active.nonzero().flatten()
         if len(idx) == 0:
             break
