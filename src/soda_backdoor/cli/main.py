@@ -101,6 +101,8 @@ def _recon_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
             help="stop once the target probability reaches this")
     g.add_argument("--num-keep", type=int, default=100, help="samples to keep (study --num_sample)")
     _option(g, "--recon-batch", "--batch-size", prefixed, type=int, default=128, help="starts optimised at once")
+    g.add_argument("--all-starts", action="store_true", help="run every start to the end of its budget, as the "
+                   "study does (default: stop the slow ones once enough have reached the threshold)")
 
 
 def _repair_args(p: argparse.ArgumentParser) -> None:
@@ -287,7 +289,8 @@ def _recon_config(args):
              "threshold": "--recon-threshold" if run else "--threshold", "num_keep": "--num-keep",
              "batch_size": "--recon-batch" if run else "--batch-size"}
     return build_config(ReconstructionConfig, flags, steps=args.steps, lr=args.recon_lr, reg=args.recon_reg,
-                  threshold=args.threshold, num_keep=args.num_keep, batch_size=args.batch_size)
+                  threshold=args.threshold, num_keep=args.num_keep, batch_size=args.batch_size,
+                  stop_when_kept=not args.all_starts)
 
 
 def _repair_config(args):

@@ -52,7 +52,7 @@ class DetectionConfig:
     tau_target: float = 4.5
     tau_source: float = 2.0
     source_rule: str = "fastest"
-    source_samples: int = 32
+    source_samples: int = 64
     source_steps: int = 50
     source_lr: float = 0.01
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
