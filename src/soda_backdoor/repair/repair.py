@@ -129,45 +129,37 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps = (len(y_clean) + k_clean - 1) // k_clean
     use_mask = config.top < 1.0
-    with cpu_channels_last(model):
-        history = _fine_tune(model, ref, mask, use_mask, x_clean, y_clean, x_recon, n_recon, k_clean, steps, opt,
-                             gen, source, target, config, progress)
+    n, history = len(y_clean), []
+    with cpu_channels_last(model):  # faster convolutions on the CPU (docs/benchmarks.md)
+        for epoch in range(config.epochs):
+            model.train(config.bn_train)
+            perm = torch.randperm(n, generator=gen).to(device)
+            tot, seen = 0.0, 0
+            bar = tqdm(range(steps), desc=f"repair epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                       leave=False, unit="batch")
+            for step in bar:
+                idx = perm[step * k_clean:(step + 1) * k_clean]
+                xb, yb = x_clean[idx], y_clean[idx]
+                if n_recon:
+                    pick = torch.randint(0, len(x_recon), (n_recon,), generator=gen).to(device)
+                    xb = torch.cat([xb, x_recon[pick]])
+                    yb = torch.cat([yb, torch.full((n_recon,), source, dtype=torch.long, device=device)])
+                if use_mask:
+                    with intervene(model, ref, _apply_mask(mask)):
+                        logits = model(xb)
+                else:
+                    logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if n_recon and config.reg:
+                    # -CE(reconstructed, t) is unbounded below; capped so it cannot blow the weights up.
+                    away = F.cross_entropy(logits[-n_recon:], torch.full_like(yb[-n_recon:], target))
+                    loss = loss - config.reg * away.clamp(max=config.reg_cap)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += loss.item() * len(yb)
+                seen += len(yb)
+            history.append({"epoch": epoch + 1, "loss": tot / max(seen, 1)})
+            logger.info("repair epoch %d: loss %.4f", epoch + 1, tot / max(seen, 1))
     model.eval()
     return RepairResult(mask, int(mask.sum()), mask.numel(), history, config, time.perf_counter() - t0)
-
-
-def _fine_tune(model, ref, mask, use_mask, x_clean, y_clean, x_recon, n_recon, k_clean, steps, opt, gen, source,
-               target, config, progress) -> list[dict[str, float]]:
-    """The epochs of :func:`repair_model` (weights in channels-last layout on the CPU)."""
-    device, n, history = x_clean.device, len(y_clean), []
-    for epoch in range(config.epochs):
-        model.train(config.bn_train)
-        perm = torch.randperm(n, generator=gen).to(device)
-        tot, seen = 0.0, 0
-        bar = tqdm(range(steps), desc=f"repair epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False, unit="batch")
-        for step in bar:
-            idx = perm[step * k_clean:(step + 1) * k_clean]
-            xb, yb = x_clean[idx], y_clean[idx]
-            if n_recon:
-                pick = torch.randint(0, len(x_recon), (n_recon,), generator=gen).to(device)
-                xb = torch.cat([xb, x_recon[pick]])
-                yb = torch.cat([yb, torch.full((n_recon,), source, dtype=torch.long, device=device)])
-            if use_mask:
-                with intervene(model, ref, _apply_mask(mask)):
-                    logits = model(xb)
-            else:
-                logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if n_recon and config.reg:
-                # -CE(reconstructed, t) is unbounded below; capped so it cannot blow the weights up.
-                away = F.cross_entropy(logits[-n_recon:], torch.full_like(yb[-n_recon:], target))
-                loss = loss - config.reg * away.clamp(max=config.reg_cap)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += loss.item() * len(yb)
-            seen += len(yb)
-        history.append({"epoch": epoch + 1, "loss": tot / max(seen, 1)})
-        logger.info("repair epoch %d: loss %.4f", epoch + 1, tot / max(seen, 1))
-    return history
