@@ -156,6 +156,15 @@ def test_zoo_repair_runs_each_method_and_resumes(tmp_path: Path, capsys) -> None
     assert main(["zoo", "repair", str(out), "--methods", "finetune", "--quiet"]) == 0
     assert len((out / "repairs" / "results-seed0.jsonl").read_text().splitlines()) == 2
     assert main(["zoo", "repair", str(out), "--methods", "nope"]) == 2
+    # The repair alone, on the true pair, with a changed setting: its own cache entry.
+    assert main(["zoo", "repair", str(out), "--given-pair", "--repair-option", "tune_from=null",
+                 "--json", str(tmp_path / "g.json"), "--quiet"]) == 0
+    given = json.loads((tmp_path / "g.json").read_text())
+    assert given["given_pair"] and given["soda_config"]["tune_from"] is None
+    (row,) = given["rows"]
+    assert row["detected"] == [rows["patch"]["source"], rows["patch"]["target"]] and row["repaired"]
+    assert len((out / "repairs" / "results-seed0-given.jsonl").read_text().splitlines()) == 1
+    assert main(["zoo", "repair", str(out), "--repair-option", "nope=1"]) == 2
 
 
 def test_repair_cli_baseline_method(tmp_path: Path, capsys) -> None:

@@ -114,6 +114,9 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repair-reg", type=float, default=0.01, help="weight of -CE(reconstructed, target)")
     g.add_argument("--bn-train", action="store_true", help="update batch-norm statistics while fine-tuning "
                    "(default: frozen)")
+    g.add_argument("--tune-from", default="auto", metavar="LAYER", help="fine-tune only the layers after this "
+                   "module (see `soda layers`); auto (default): the cut nearest the output that leaves half of "
+                   "the weights to tune; all: every layer")
 
 
 def _train_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
@@ -298,7 +301,8 @@ def _repair_config(args):
 
     flags = {"top": "--top", "epochs": "--repair-epochs", "lr": "--repair-lr", "reg": "--repair-reg"}
     return build_config(RepairConfig, flags, top=args.top, epochs=args.repair_epochs, lr=args.repair_lr,
-                  reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed)
+                  reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed,
+                  tune_from=None if args.tune_from == "all" else args.tune_from)
 
 
 def _train_config(args):

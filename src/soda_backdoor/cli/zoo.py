@@ -70,6 +70,10 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
                    help="repair methods: soda (detect, reconstruct, repair), finetune, fineprune, nad, anp "
                         "(default soda)")
     r.add_argument("--jobs", type=int, default=1, help="repairs at once, one thread each (default 1)")
+    r.add_argument("--given-pair", action="store_true", help="soda repairs the true (source, target) pair of each "
+                   "model instead of the detected one: the repair measured apart from the detection")
+    r.add_argument("--repair-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a RepairConfig setting for soda, e.g. tune_from=auto or epochs=3 (repeatable; research)")
     common(r, data=False)
     r.set_defaults(func=_cmd_zoo_repair)
 
@@ -223,6 +227,27 @@ def _cmd_zoo_calibrate(args) -> int:
     return 0
 
 
+def _repair_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as RepairConfig fields, each value parsed as JSON when it parses (3, 0.5, null)."""
+    import dataclasses
+    import json
+
+    from ..errors import UserInputError
+    from ..repair import RepairConfig
+
+    fields = {f.name for f in dataclasses.fields(RepairConfig)} - {"seed"}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise UserInputError(f"bad --repair-option {item!r}: use KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _cmd_zoo_repair(args) -> int:
     from ..utils import write_json
     from ..zoo.repair import format_repair, repair_zoo
@@ -235,7 +260,8 @@ def _cmd_zoo_repair(args) -> int:
                     f"{row['acc_after']:.4f}" if "error" not in row else f"FAILED: {row['error']}")
             print(f"[{done}/{total}] {row['key']}: {what}", file=sys.stderr, flush=True)
 
-    result = repair_zoo(args.dir, tuple(args.methods), args.jobs, args.device, args.seed, progress)
+    result = repair_zoo(args.dir, tuple(args.methods), args.jobs, args.device, args.seed, progress,
+                        args.given_pair, _repair_options(args.repair_option))
     if args.json:
         write_json(args.json, result)
     print(format_repair(result))

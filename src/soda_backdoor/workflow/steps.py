@@ -181,7 +181,8 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     after = evaluate(model, ctx, device)
     rasr_after = rasr(module, x_hold, target)
     note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
-            f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples")
+            f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples"
+            + (f", layers after {result.tuned_from} tuned" if result.tuned_from else ""))
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
                         source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
                         config)

@@ -10,6 +10,8 @@ attack's real semantic test samples, before and after.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -36,20 +38,24 @@ def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
     args = (task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
     ctx = worker_context(*args)
     loaded = open_model(task["path"], ctx.data, device)
-    det = detect(loaded, ctx, None, None, device, task["seed"])
+    if task["given_pair"]:  # the repair alone, on the true pair (no detection)
+        pairs = [(task["source"], task["target"])]
+    else:
+        pairs = detect(loaded, ctx, None, None, device, task["seed"]).pairs
     ev = evaluate(loaded, ctx, device)
     unrepaired = {"acc_before": ev.acc, "asr_before": ev.asr, "acc_after": ev.acc, "asr_after": ev.asr,
                   "rasr_before": None, "rasr_after": None, "repaired": False}
-    if not det.pairs:
+    if not pairs:
         return {"detected": None, **unrepaired}
-    source, target = det.pairs[0]
+    source, target = pairs[0]
     rec = reconstruct(loaded, ctx, source, target, None, device, task["seed"])
     if rec.reconstruction.kept < 2:
         return {"detected": [source, target], **unrepaired}
     rep = repair(loaded, worker_context(*args, task["seed"]), source, target,
-                 SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint), RepairConfig(seed=task["seed"]),
+                 SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint),
+                 RepairConfig(**{**task["soda_config"], "seed": task["seed"]}),
                  None, device)
-    save_model(Path(task["work"]) / f"{task['key']}.safetensors", rep.model.module, rep.model.meta)
+    save_model(Path(task["work"]) / f"{task['key']}{task['tag']}.safetensors", rep.model.module, rep.model.meta)
     return {"detected": [source, target], "acc_before": rep.before.acc, "asr_before": rep.before.asr,
             "acc_after": rep.after.acc, "asr_after": rep.after.asr, "rasr_before": rep.rasr_before,
             "rasr_after": rep.rasr_after, "repaired": True}
@@ -98,9 +104,15 @@ def summarize(rows: list[dict[str, Any]]) -> MethodSummary:
 
 
 def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: int = 1, device: str = "cpu",
-               seed: int = 0, on_model: Callable[[dict[str, Any], int, int], None] | None = None
-               ) -> dict[str, Any]:
+               seed: int = 0, on_model: Callable[[dict[str, Any], int, int], None] | None = None,
+               given_pair: bool = False, soda_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Repair every counted backdoored model of a zoo with each method; results cached per model.
+
+    Args:
+        given_pair: ``soda`` repairs the true (source, target) pair from the manifest instead
+            of the detected one: the repair measured apart from the detection.
+        soda_config: :class:`~soda_backdoor.repair.RepairConfig` fields that differ from the
+            defaults, for ``soda`` (research on the repair's settings).
 
     Returns:
         ``{"rows": [...], "summary": {method: {group: MethodSummary}}}``, grouped by ``all``,
@@ -118,12 +130,24 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
     rows = [r for r in label_rows(list(manifest.values())) if r["role"] == "backdoored"]
     work = root / "repairs"
     work.mkdir(exist_ok=True)
-    cache_path = work / f"results-seed{seed}.jsonl"
+    soda_config = dict(soda_config or {})
+    effective = asdict(RepairConfig(**soda_config))  # fails early on a bad setting
+    effective.pop("seed")
+    # A soda result is cached under the full repair settings, so a changed default is a new entry.
+    soda_tag = "soda-" + hashlib.sha256(json.dumps(effective, sort_keys=True).encode()).hexdigest()[:10]
+    tag = "-given" if given_pair else ""
+    cache_path = work / f"results-seed{seed}{tag}.jsonl"
     cached = read_jsonl(cache_path)
-    tasks = [{"key": f"{r['key']}-{m}", "model_key": r["key"], "method": m, "path": str(root / r["file"]),
+
+    def key(model_key: str, method: str) -> str:
+        return f"{model_key}-{soda_tag if method == 'soda' else method}"
+
+    tasks = [{"key": key(r["key"], m), "model_key": r["key"], "method": m, "path": str(root / r["file"]),
               "dataset": r["dataset"], "data_dir": r.get("data_dir", ""), "attack": r["attack"],
-              "attack_file": r.get("attack_file", ""), "device": device, "seed": seed, "work": str(work)}
-             for m in methods for r in rows if f"{r['key']}-{m}" not in cached]
+              "attack_file": r.get("attack_file", ""), "device": device, "seed": seed, "work": str(work),
+              "given_pair": given_pair, "source": r["source"], "target": r["target"], "soda_config": soda_config,
+              "tag": tag}
+             for m in methods for r in rows if key(r["key"], m) not in cached]
     for i, o in enumerate(run_tasks(_repair_task, tasks, jobs), 1):
         row = {"key": o.task["key"], **(o.result if o.ok else {"error": o.error})}
         if o.ok:
@@ -134,7 +158,7 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
     out_rows, errors = [], []
     for m in methods:
         for r in rows:
-            res = cached[f"{r['key']}-{m}"]
+            res = cached[key(r["key"], m)]
             if "error" in res:
                 errors.append(f"{r['key']} {m}: {res['error']}")
                 continue
@@ -153,7 +177,8 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
             groups.setdefault(f"source_blend={r['train']['source_blend']}", []).append(r)
             groups.setdefault(f"augment_clean={r['train']['augment_clean']}", []).append(r)
         summary[m] = {g: asdict(summarize(groups[g])) for g in sorted(groups, key=lambda g: (g != "all", g))}
-    return {"zoo": str(root), "methods": list(methods), "rows": out_rows, "summary": summary, "errors": errors}
+    return {"zoo": str(root), "methods": list(methods), "given_pair": given_pair, "soda_config": effective,
+            "rows": out_rows, "summary": summary, "errors": errors}
 
 
 def format_repair(result: dict[str, Any]) -> str:
