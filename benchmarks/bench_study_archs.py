@@ -54,6 +54,7 @@ from soda_backdoor.detection.detector import SourceEvidence, get_source_rule, me
 from soda_backdoor.detection.stats import mad_outliers, pearson
 from soda_backdoor.data import normalize
 from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_one_by_one
+from soda_backdoor.repair import RepairConfig
 from soda_backdoor.training import TrainConfig
 from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.workflow import steps
@@ -308,7 +309,8 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r[0].items()})
     if "repair" in which:
         m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
-        o = timed(lambda: steps.repair(m1, ctx, src, tgt, samples))
+        ours_cfg = RepairConfig() if a.repair_epochs is None else RepairConfig(epochs=a.repair_epochs)
+        o = timed(lambda: steps.repair(m1, ctx, src, tgt, samples, ours_cfg))
         rep = o[0]
         layer = a.ref_layer or str(parse_layer(base.module, None))
         inputs = class_inputs(ctx, base.meta, 256, torch.device("cpu"))
@@ -334,6 +336,7 @@ def main() -> None:
     ap.add_argument("--cache", default="runs/bench_study", help="where briefly trained models are kept")
     ap.add_argument("--n-recon", type=int, default=100)
     ap.add_argument("--recon-steps", type=int, default=2000)
+    ap.add_argument("--repair-epochs", type=int, default=None, help="our repair's epochs (default: ours)")
     ap.add_argument("--ref-layer", default=None, help="the reference's analysis layer (default: ours)")
     ap.add_argument("--ref-tau", type=float, default=3.0, help="the reference's --confidence")
     ap.add_argument("--ref-top", type=float, default=0.5)

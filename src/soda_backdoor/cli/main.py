@@ -109,7 +109,8 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("repair")
     g.add_argument("--top", type=float, default=1.0, help="fraction of neurons kept by a mask (default 1.0: no "
                    "mask, every neuron is fine-tuned)")
-    g.add_argument("--repair-epochs", type=int, default=5, help="fine-tuning epochs over the clean subset")
+    g.add_argument("--repair-epochs", type=int, default=10, help="fine-tuning epochs over the clean subset "
+                   "(default 10)")
     g.add_argument("--repair-lr", type=float, default=0.001, help="fine-tuning learning rate")
     g.add_argument("--repair-reg", type=float, default=0.01, help="weight of -CE(reconstructed, target)")
     g.add_argument("--bn-train", action="store_true", help="update batch-norm statistics while fine-tuning "
