@@ -48,3 +48,14 @@ def test_tail_repair_leaves_the_prefix_untouched_and_changes_the_tail():
     assert not torch.equal(before["3.weight"], after["3.weight"])
     assert len(res.history) == 2 and not model.training
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_hooks_on_the_models_modules_act_in_the_halves():
+    """The repair's mask is a hook on the model's module: the tail must call that same module."""
+    from soda_backdoor.analysis import intervene
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    split = split_after(model, "0")
+    with torch.no_grad(), intervene(model, LayerRef("3", "input"), lambda h: h * 0):
+        out = split.tail(split.prefix(torch.randn(4, 1, 4, 4)))
+    torch.testing.assert_close(out, model[3].bias.detach().expand(4, 3))
