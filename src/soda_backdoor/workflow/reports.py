@@ -136,7 +136,7 @@ class RepairReport:
                 "num_neurons": self.result.num_neurons, "layer": self.layer, "source": self.source,
                 "target": self.target, "model": self.model_path, "seconds": self.seconds,
                 "repair_seconds": self.result.seconds, "history": self.result.history,
-                "config": asdict(self.config)}
+                "tuned_from": self.result.tuned_from, "config": asdict(self.config)}
 
 
 @dataclass(frozen=True)
