@@ -59,3 +59,14 @@ def test_hooks_on_the_models_modules_act_in_the_halves():
     with torch.no_grad(), intervene(model, LayerRef("3", "input"), lambda h: h * 0):
         out = split.tail(split.prefix(torch.randn(4, 1, 4, 4)))
     torch.testing.assert_close(out, model[3].bias.detach().expand(4, 3))
+
+
+def test_auto_cut_falls_back_to_every_layer_on_a_model_fx_cannot_trace(caplog):
+    from soda_backdoor.repair.repair import _tuned_part
+
+    model = create_model("shufflenetv2", num_classes=10, in_channels=1, input_size=32)
+    with caplog.at_level("WARNING"):
+        assert _tuned_part(model, torch.randn(2, 1, 32, 32), "auto") is None
+    assert "fine-tuning every layer" in caplog.text and "cannot trace" in caplog.text
+    with pytest.raises(UserInputError, match="cannot trace"):
+        _tuned_part(model, torch.randn(2, 1, 32, 32), "conv1")

@@ -18,6 +18,10 @@ from torch import Tensor, nn
 from ..errors import UserInputError
 
 
+class UntraceableModel(UserInputError):
+    """``torch.fx`` cannot trace the model: no cut of it can be made."""
+
+
 @dataclass(frozen=True)
 class Split:
     """The two halves of a model cut after ``layer``."""
@@ -44,7 +48,7 @@ def split_after(model: nn.Module, layer: str) -> Split:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types on untraceable code
-        raise UserInputError(f"cannot cut {type(model).__name__} at {layer!r}: torch.fx cannot trace it "
+        raise UntraceableModel(f"cannot cut {type(model).__name__}: torch.fx cannot trace it "
                              f"({type(exc).__name__}: {exc})") from exc
     nodes = list(graph.nodes)
     cuts = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
@@ -108,6 +112,8 @@ def deepest_split(model: nn.Module, x: Tensor, min_tail_params: float = 0.5) -> 
         if counts[name] == 1 and total and after / total >= min_tail_params:
             try:
                 return split_after(model, name)
+            except UntraceableModel:
+                raise
             except UserInputError as exc:
                 errors.append(str(exc))
         after += own[name] if counts[name] == 1 else 0
