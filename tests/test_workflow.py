@@ -80,6 +80,8 @@ def test_soda_run_happy_path_and_resume(first_run) -> None:
             "n_semantic", "n_repair_samples", "n_heldout_samples", "n_defender", "neurons_kept", "num_neurons",
             "layer", "source", "target", "model", "seconds", "repair_seconds", "history", "tuned_from", "config"} == set(rep)
     assert rep["tuned_from"] == "features.7"  # the auto cut of cnn: its last conv block and the head are tuned
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert rep["acc_before"] == summary["before"]["acc"] and rep["asr_before"] == summary["before"]["asr"]
     assert "Semantic backdoor detected" in out and "report: " in out
 
     # resume: nothing is redone; losing the repaired model redoes only the repair and what follows

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -270,8 +270,10 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
         # 5. repair (a fresh copy of the model: repair changes it in place)
         def run_repair() -> dict:
             target_model = open_model(str(model_file), data, device, config.arch)
+            measured = EvaluateReport(**{f.name: before[f.name] for f in fields(EvaluateReport)})  # step 2
             res = repair(target_model, context(target_model.meta, True, rep_cfg.seed), src, tgt,
-                         load_samples(out / "samples.npz"), rep_cfg, config.layer, device, config.num_samples, progress)
+                         load_samples(out / "samples.npz"), rep_cfg, config.layer, device, config.num_samples, progress,
+                         measured)
             save_model(out / "repaired.safetensors", res.model.module, res.model.meta)
             return _written(out / "repair.json", res.to_dict() | {"model": str(out / "repaired.safetensors")})
 

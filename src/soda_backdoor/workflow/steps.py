@@ -149,12 +149,14 @@ def rasr(module: torch.nn.Module, x: torch.Tensor, target: int) -> float:
 def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, samples: SampleSet,
            config: RepairConfig | None = None,
            layer: str | None = None, device: torch.device | str = "cpu", num_samples: int = 256,
-           progress: bool = False) -> RepairReport:
+           progress: bool = False, before: EvaluateReport | None = None) -> RepairReport:
     """Repair ``model`` in place with reconstructed samples (docs/method.md, 2.5).
 
     ``samples`` must be reconstructed for ``source -> target`` from this model. Every other
     sample is used for the repair, the rest are held out to measure R-ASR. ACC and ASR are
-    measured on ``ctx`` before and after (ASR needs ``ctx.attack``; without one it is 0).
+    measured on ``ctx`` before and after (ASR needs ``ctx.attack``; without one it is 0);
+    ``before`` is :func:`evaluate` of this model on this data when the caller already has it
+    (it saves a test pass).
     """
     config = config or RepairConfig()
     t0 = time.perf_counter()
@@ -164,7 +166,7 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     samples.check(source, target, model_fingerprint(module), tuple(ctx.data.x_train.shape[1:]))
     x_fix, x_hold = (x.to(device) for x in samples.split())
     ref = parse_layer(module, layer)
-    before = evaluate(model, ctx, device)
+    before = before or evaluate(model, ctx, device)
     rasr_before = rasr(module, x_hold, target)
     if config.top < 1.0:
         inputs = class_inputs(ctx, meta, num_samples, torch.device(device))

@@ -54,7 +54,7 @@ def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
     rep = repair(loaded, worker_context(*args, task["seed"]), source, target,
                  SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint),
                  RepairConfig(**{**task["soda_config"], "seed": task["seed"]}),
-                 None, device)
+                 None, device, before=ev)
     save_model(Path(task["work"]) / f"{task['key']}{task['tag']}.safetensors", rep.model.module, rep.model.meta)
     return {"detected": [source, target], "acc_before": rep.before.acc, "asr_before": rep.before.asr,
             "acc_after": rep.after.acc, "asr_after": rep.after.asr, "rasr_before": rep.rasr_before,
