@@ -196,3 +196,25 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
         assert main([*argv, "--calibration", str(tmp_path / "c.json")]) == 0
     assert main([*argv, "--calibration", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_with_a_calibration_reports_the_probability(tmp_path: Path, capsys) -> None:
+    import torch
+
+    from soda_backdoor.artifacts import save_calibration
+    from soda_backdoor.data import get_dataset_spec
+    from soda_backdoor.models import ModelMeta, create_model, save_model
+
+    _tiny_zoo_files(tmp_path)
+    spec = get_dataset_spec("fmnist")
+    torch.manual_seed(0)
+    model = tmp_path / "m.safetensors"
+    save_model(model, create_model("lenet", 10, 1, 28), ModelMeta("lenet", 10, 1, 28, spec.mean, spec.std, "fmnist"))
+    save_calibration(tmp_path / "c.json", fit_calibration(_rows({"cnn": (6, 8), "lenet": (5, 5)}), "soda"))
+    out_dir = tmp_path / "run"
+    assert main(["run", "--model", str(model), "--dataset", "fmnist", "--data-dir", str(tmp_path / "tiny.npz"),
+                 "--num-samples", "8", "--device", "cpu", "--quiet", "--out-dir", str(out_dir),
+                 "--tau-target", "1000", "--calibration", str(tmp_path / "c.json")]) == 0  # detect and report only
+    cal = json.loads((out_dir / "detect.json").read_text())["calibration"]
+    assert 0 < cal["probability"] < 1
+    assert f"P(backdoor) = {cal['probability']:.3f}" in (out_dir / "report.html").read_text()

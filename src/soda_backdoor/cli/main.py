@@ -151,12 +151,16 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: report P(backdoor) "
+                   "and P(class is the target) beside the verdict")
+
+
 def _add_detect(sub) -> None:
     p = sub.add_parser("detect", help="is there a semantic backdoor, and which classes?")
     _common(p, model=True)
     _detect_args(p)
-    p.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: report P(backdoor) "
-                   "and P(class is the target) beside the verdict")
+    _calibration_arg(p)
     p.set_defaults(func=_cmd_detect)
 
 
@@ -201,6 +205,7 @@ def _add_run(sub) -> None:
     p.add_argument("--model", default=None, help="audit this model instead of training one")
     p.add_argument("--out-dir", default=None, help="run folder (default runs/default)")
     p.add_argument("--force", action="store_true", help="redo every step even if its results are current")
+    _calibration_arg(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -455,7 +460,7 @@ def _cmd_run(args) -> int:
                             model=args.model, init=args.init, layer=args.layer, num_samples=args.num_samples,
                             train=_train_config(args), detect=_detection_config(args),
                             reconstruct=_recon_config(args), repair=_repair_config(args), device=args.device,
-                            force=args.force, progress=not args.quiet)
+                            force=args.force, progress=not args.quiet, calibration=args.calibration)
 
     def say(msg: str) -> None:
         if not args.quiet:

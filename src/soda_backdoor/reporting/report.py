@@ -81,6 +81,12 @@ def render_report(run_dir: str | Path) -> Path:
             how = (f"the largest anomaly index of any class is {max(finite) if finite else 0:.2f}, below the "
                    f"threshold {tt['threshold']:g}")
         verdict += f"<p>How sure: {html.escape(how)}.</p>"
+        cal = det.get("calibration")
+        if cal:  # `soda run --calibration`
+            said = (cal["message"] if cal["probability"] is None else
+                    f"P(backdoor) = {cal['probability']:.3f}, calibrated on {cal['fitted_on']} "
+                    "(a probability, not a verdict: docs/detection.md)")
+            verdict += f"<p>{html.escape(said)}</p>"
     sections.append(verdict)
 
     if det:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifacts import load_samples, save_effects, save_reconstruction
+from ..artifacts import load_calibration, load_samples, save_effects, save_reconstruction
 from ..data import get_attack, load_dataset
 from ..detection import DetectionConfig
 from ..errors import UserInputError
@@ -60,6 +60,8 @@ class PipelineConfig:
         device: ``auto``, ``cpu`` or ``cuda``.
         force: redo every step.
         progress: progress bars.
+        calibration: a calibration file from ``soda zoo calibrate``: the detection also reports
+            P(backdoor) and P(class is the target) (docs/detection.md).
     """
 
     out_dir: str = DEFAULT_DIR
@@ -80,6 +82,7 @@ class PipelineConfig:
     device: str = "auto"
     force: bool = False
     progress: bool = False
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,12 +238,17 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
                          lambda: evaluate(loaded, context(loaded.meta, True, 0), device).to_dict())
 
     # 3. detect
+    calibration = load_calibration(config.calibration) if config.calibration else None
+
     def run_detect() -> dict:
-        rep = detect(loaded, context(loaded.meta, False, 0), det_cfg, config.layer, device, config.seed, progress)
+        rep = detect(loaded, context(loaded.meta, False, 0), det_cfg, config.layer, device, config.seed, progress,
+                     calibration)
         save_effects(out / "effects.npz", rep.effects)
         return _written(out / "detect.json", rep.to_dict() | {"model": str(model_file)})
 
-    det = runner.step("detect", {**data_key, "model": model_key, "detect": asdict(det_cfg), "layer": config.layer},
+    calibrated = {"calibration": _file_hash(Path(config.calibration))} if config.calibration else {}
+    det = runner.step("detect", {**data_key, "model": model_key, "detect": asdict(det_cfg), "layer": config.layer,
+                                 **calibrated},
                       ["detect.json", "effects.npz"], run_detect)
     if on_result is not None:
         on_result("detect", det)
