@@ -250,3 +250,17 @@ def test_zoo_builds_on_ray(tmp_path, capsys) -> None:
     assert {r["attack"] for r in rows.values()} == {"patch", "none"}
     assert all((out / r["file"]).is_file() and r["threads"] == 1 for r in rows.values())
     assert "2 trained, 0 failed" in capsys.readouterr().out
+
+
+def test_audit_with_a_calibration_fills_the_probability(fleet, tmp_path) -> None:
+    from soda_backdoor.artifacts import save_calibration
+    from soda_backdoor.detection import fit_calibration
+    from test_calibration import _rows
+
+    save_calibration(tmp_path / "c.json", fit_calibration(_rows({"cnn": (6, 8), "lenet": (5, 5)}), "soda"))
+    run_audit(_config(fleet, tmp_path / "cal", calibration=str(tmp_path / "c.json"), jobs=2))
+    rows = list(read_jsonl(tmp_path / "cal" / AUDIT_LOG).values())
+    good = [r for r in rows if r["verdict"] != "error"]
+    assert len(good) == len(GOOD) and all(0 < r["probability"] < 1 for r in good)
+    assert all(r["probability"] is None for r in rows if r["verdict"] == "error")
+    assert "probability" in (tmp_path / "cal" / "audit.csv").read_text().splitlines()[0]

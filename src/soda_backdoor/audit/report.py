@@ -48,6 +48,7 @@ def audit_row(file: str, sha256: str, result: dict[str, Any] | None, error: str,
                target_scores=list(tt["scores"]), anomaly_index=list(tt["anomaly_index"]),
                max_anomaly=max(ai) if ai else None, threshold=tt["threshold"], arch=det.get("arch", ""),
                layer=det["layer"], detect_seconds=round(det["seconds"], 3),
+               probability=(det.get("calibration") or {}).get("probability"),
                data_seconds=round(result["data_seconds"], 3))
     rep = result.get("repair")
     if rep is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifacts import load_calibration
 from ..detection import DetectionConfig
 from ..errors import UserInputError
 from ..executor import BACKENDS, run_tasks
@@ -57,6 +58,7 @@ class AuditConfig:
         repair: reconstruct and repair the first flagged pair of every flagged model.
         reconstruction: reconstruction settings (with ``repair``).
         repair_config: repair settings (with ``repair``).
+        calibration: a calibration file from ``soda zoo calibrate``: each row gets P(backdoor).
     """
 
     out_dir: str
@@ -78,6 +80,7 @@ class AuditConfig:
     repair: bool = False
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     repair_config: RepairConfig = field(default_factory=RepairConfig)
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
     if not files:
         raise UserInputError(f"no model files ({', '.join(('.safetensors', '.pt', '.th', '...'))}) under "
                              f"{', '.join(config.paths) or config.manifest}")
+    calibration = load_calibration(config.calibration) if config.calibration else None
     out, seen = [], set()
     models_dir = Path(config.out_dir) / "models"
     for f in files:
@@ -145,7 +149,7 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
                              attack_file=f.attack_file or config.attack_file, arch=f.arch or config.arch,
                              detection=config.detection, layer=config.layer, device=config.device, seed=config.seed,
                              repair=config.repair, reconstruction=config.reconstruction,
-                             repair_config=config.repair_config,
+                             repair_config=config.repair_config, calibration=calibration,
                              repair_dir=str(models_dir / sha.removeprefix("unreadable:")[:REPORT_HASH_CHARS])))
     return out
 

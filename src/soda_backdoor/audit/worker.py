@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..detection import DetectionConfig
+from ..detection.calibration import Calibration
 from ..reconstruction import ReconstructionConfig
 from ..repair import RepairConfig
 
@@ -45,6 +46,8 @@ class AuditTask:
         reconstruction: reconstruction settings (with ``repair``).
         repair_config: repair settings (with ``repair``).
         repair_dir: folder for the samples and the repaired model.
+        calibration: P(backdoor) for the detection (``soda zoo calibrate``), loaded once by the
+            parent and shipped with the task.
     """
 
     path: str
@@ -62,6 +65,7 @@ class AuditTask:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     repair_config: RepairConfig = field(default_factory=RepairConfig)
     repair_dir: str = ""
+    calibration: Calibration | None = None
 
 
 @functools.lru_cache(maxsize=CONTEXTS_PER_WORKER)
@@ -111,7 +115,8 @@ def audit_model(task: AuditTask, datasets: dict[tuple[str, str], Any] | None = N
         ctx = _disk_context(task.dataset, task.data_dir, attack, task.attack_file)
     data_seconds = time.perf_counter() - start
     device = resolve_device(task.device)
-    detect = detect_in_context(task.path, ctx, task.detection, task.layer, device, task.seed, task.arch)
+    detect = detect_in_context(task.path, ctx, task.detection, task.layer, device, task.seed, task.arch,
+                               task.calibration)
     out: dict[str, Any] = {"detect": detect, "data_seconds": data_seconds, "worker": os.getpid(), "repair": None}
     if task.repair and detect["pairs"]:
         pair = detect["pairs"][0]

@@ -31,6 +31,8 @@ def add_audit_parser(sub, parser_class, common, detect_args, recon_args, repair_
                    "default: start a local Ray with --jobs CPUs")
     g.add_argument("--gpus-per-job", type=float, default=None, help="GPUs per Ray task (default: 1 with CUDA)")
     g.add_argument("--repair", action="store_true", help="reconstruct and repair every flagged model")
+    g.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: each model's "
+                   "P(backdoor) in the probability column (models already audited keep their row)")
     common(p)
     detect_args(p)
     recon_args(p)
@@ -51,7 +53,7 @@ def _cmd_audit(args) -> int:
                          detection=_detection_config(args), layer=args.layer, jobs=args.jobs, backend=args.backend,
                          ray_address=args.ray_address, gpus_per_job=args.gpus_per_job, device=args.device,
                          seed=args.seed, repair=args.repair, reconstruction=_recon_config(args),
-                         repair_config=_repair_config(args))
+                         repair_config=_repair_config(args), calibration=args.calibration)
 
     def progress(row, done, total):
         if args.quiet:
