@@ -158,10 +158,10 @@ def test_zoo_calibrate_then_score_with_the_calibration(tmp_path: Path, capsys) -
     assert "calibrates detector soda, not nc" in capsys.readouterr().err
 
 
-def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
+def _untrained_lenet(tmp_path: Path) -> Path:
+    """An untrained `lenet` file beside the tiny dataset ``tmp_path / "tiny.npz"``."""
     import torch
 
-    from soda_backdoor.artifacts import save_calibration
     from soda_backdoor.data import get_dataset_spec
     from soda_backdoor.models import ModelMeta, create_model, save_model
 
@@ -170,6 +170,13 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     model = tmp_path / "m.safetensors"
     save_model(model, create_model("lenet", 10, 1, 28), ModelMeta("lenet", 10, 1, 28, spec.mean, spec.std, "fmnist"))
+    return model
+
+
+def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
+    from soda_backdoor.artifacts import save_calibration
+
+    model = _untrained_lenet(tmp_path)
     argv = ["detect", "--model", str(model), "--dataset", "fmnist", "--data-dir", str(tmp_path / "tiny.npz"),
             "--num-samples", "8", "--device", "cpu", "--quiet", "--json", str(tmp_path / "d.json")]
     for arches, covered in (({"cnn": (6, 8)}, False), ({"cnn": (6, 8), "lenet": (5, 5)}, True)):
@@ -199,17 +206,9 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
 
 
 def test_run_with_a_calibration_reports_the_probability(tmp_path: Path, capsys) -> None:
-    import torch
-
+    model = _untrained_lenet(tmp_path)
     from soda_backdoor.artifacts import save_calibration
-    from soda_backdoor.data import get_dataset_spec
-    from soda_backdoor.models import ModelMeta, create_model, save_model
 
-    _tiny_zoo_files(tmp_path)
-    spec = get_dataset_spec("fmnist")
-    torch.manual_seed(0)
-    model = tmp_path / "m.safetensors"
-    save_model(model, create_model("lenet", 10, 1, 28), ModelMeta("lenet", 10, 1, 28, spec.mean, spec.std, "fmnist"))
     save_calibration(tmp_path / "c.json", fit_calibration(_rows({"cnn": (6, 8), "lenet": (5, 5)}), "soda"))
     out_dir = tmp_path / "run"
     assert main(["run", "--model", str(model), "--dataset", "fmnist", "--data-dir", str(tmp_path / "tiny.npz"),
