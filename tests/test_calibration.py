@@ -12,6 +12,7 @@ import pytest
 
 from soda_backdoor.cli.main import main
 from soda_backdoor.detection import Calibration, DetectionConfig, fit_calibration, fit_platt
+from soda_backdoor.detection.errors import shipped_reference
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.zoo.build import append_jsonl
 from soda_backdoor.zoo.score import settings_key
@@ -108,7 +109,7 @@ def _cached_zoo(root: Path, rows: list[dict]) -> Path:
     """A zoo folder of manifest rows and soda's cached scores at the default settings (no model files)."""
     root.mkdir()
     (root / "scores").mkdir()
-    cache = root / "scores" / f"soda-{settings_key(DetectionConfig(), None)}.jsonl"
+    cache = root / "scores" / f"soda-{settings_key(DetectionConfig(), None, shipped_reference())}.jsonl"
     twins = {}
     for r in rows:
         clean = r["role"] == "clean"
@@ -134,7 +135,8 @@ def test_zoo_calibrate_then_score_with_the_calibration(tmp_path: Path, capsys) -
     out = capsys.readouterr().out
     assert "lenet: 2 clean / 4 backdoored models, pooled fit" in out and str(cal_path) in out
     cal = json.loads(cal_path.read_text())
-    assert cal["detector_settings"] == settings_key(DetectionConfig(), None) and cal["zoo"] == str(dev)
+    assert cal["detector_settings"] == settings_key(DetectionConfig(), None, shipped_reference())
+    assert cal["zoo"] == str(dev)
     assert cal["zoo_spec"]["hash"] and cal["torch"] and cal["settings"]["detector_config"]["tau_target"] == 4.5
 
     assert main(["zoo", "score", str(test), "--calibration", str(cal_path), "--json", str(tmp_path / "s.json"),
@@ -197,10 +199,17 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "d.json").read_text())["calibration"] is None
     # a calibration fitted at other attribution settings still applies, with a warning
     cal = fit_calibration(_rows({"lenet": (5, 5)}), "soda", settings={"layer": None, "detector_config": {
-        "attribution": {"num_samples": 256}}})
+        "attribution": {"num_samples": 256}, "evidence": "errors"}})
     save_calibration(tmp_path / "c.json", cal)
     with pytest.warns(UserWarning, match="may not apply"):
         assert main([*argv, "--calibration", str(tmp_path / "c.json")]) == 0
+    # a calibration of the other evidence's scores is refused: its scale is another
+    cal = fit_calibration(_rows({"lenet": (5, 5)}), "soda", settings={"layer": None, "detector_config": {
+        "attribution": {"num_samples": 8}, "evidence": "weights"}})
+    save_calibration(tmp_path / "w.json", cal)
+    assert main([*argv, "--calibration", str(tmp_path / "w.json")]) == 2
+    assert "maps scores of the weights evidence, this detection's verdict uses errors" in capsys.readouterr().err
+    assert main([*argv, "--calibration", str(tmp_path / "w.json"), "--evidence", "weights"]) == 0
     assert main([*argv, "--calibration", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -103,7 +103,7 @@ def test_pipeline_from_python_on_a_given_model(tiny, first_run, tmp_path) -> Non
 
     report = run_pipeline(PipelineConfig(out_dir=str(tmp_path / "audit"), data_dir=str(folder),
                                          attack_file=str(attack), model=str(first / "model.safetensors"),
-                                         detect=DetectionConfig(tau_target=1e6), device="cpu"))
+                                         detect=DetectionConfig(evidence="weights", tau_target=1e6), device="cpu"))
     assert report.backdoor is False and report.after is None
     assert [s.step for s in report.steps] == ["evaluate", "detect"]
     assert report.before.attack == "my_attack"

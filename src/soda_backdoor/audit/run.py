@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ..artifacts import load_calibration
 from ..detection import DetectionConfig
+from ..detection.errors import ErrorReference
 from ..errors import UserInputError
 from ..executor import BACKENDS, run_tasks
 from ..reconstruction import ReconstructionConfig
@@ -59,6 +60,7 @@ class AuditConfig:
         reconstruction: reconstruction settings (with ``repair``).
         repair_config: repair settings (with ``repair``).
         calibration: a calibration file from ``soda zoo calibrate``: each row gets P(backdoor).
+        reference: a confident-error reference from ``soda zoo reference`` (``None``: the shipped one).
     """
 
     out_dir: str
@@ -81,6 +83,7 @@ class AuditConfig:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     repair_config: RepairConfig = field(default_factory=RepairConfig)
     calibration: str | None = None
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
         raise UserInputError(f"no model files ({', '.join(('.safetensors', '.pt', '.th', '...'))}) under "
                              f"{', '.join(config.paths) or config.manifest}")
     calibration = load_calibration(config.calibration) if config.calibration else None
+    reference = ErrorReference.load(config.reference) if config.reference else None
     out, seen = [], set()
     models_dir = Path(config.out_dir) / "models"
     for f in files:
@@ -149,7 +153,7 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
                              attack_file=f.attack_file or config.attack_file, arch=f.arch or config.arch,
                              detection=config.detection, layer=config.layer, device=config.device, seed=config.seed,
                              repair=config.repair, reconstruction=config.reconstruction,
-                             repair_config=config.repair_config, calibration=calibration,
+                             repair_config=config.repair_config, calibration=calibration, reference=reference,
                              repair_dir=str(models_dir / sha.removeprefix("unreadable:")[:REPORT_HASH_CHARS])))
     return out
 

@@ -18,6 +18,7 @@ from ..artifacts import SampleSet, save_reconstruction
 from ..data import Dataset, get_attack
 from ..detection import DetectionConfig
 from ..detection.calibration import Calibration
+from ..detection.errors import ErrorReference
 from ..errors import UserInputError
 from ..models import save_model
 from ..reconstruction import ReconstructionConfig
@@ -61,10 +62,11 @@ def context_from_data(data: Dataset, attack: str | None, attack_file: str | None
 
 def detect_in_context(path: str, ctx: DataContext, config: DetectionConfig, layer: str | None,
                       device: torch.device, seed: int = 0, arch: str | None = None,
-                      calibration: Calibration | None = None) -> dict[str, Any]:
+                      calibration: Calibration | None = None,
+                      reference: ErrorReference | None = None) -> dict[str, Any]:
     """What `soda detect --json` writes for ``path``, with the data context given."""
     loaded = open_model(path, ctx.data, device, arch)
-    out = detect(loaded, ctx, config, layer, device, seed, calibration=calibration).to_dict()
+    out = detect(loaded, ctx, config, layer, device, seed, calibration=calibration, reference=reference).to_dict()
     out["model"] = str(path)
     out["arch"] = loaded.meta.arch
     return out

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..detection import DetectionConfig
 from ..detection.calibration import Calibration
+from ..detection.errors import ErrorReference
 from ..reconstruction import ReconstructionConfig
 from ..repair import RepairConfig
 
@@ -48,6 +49,7 @@ class AuditTask:
         repair_dir: folder for the samples and the repaired model.
         calibration: P(backdoor) for the detection (``soda zoo calibrate``), loaded once by the
             parent and shipped with the task.
+        reference: the confident-error reference (``None``: the shipped one), shipped the same way.
     """
 
     path: str
@@ -66,6 +68,7 @@ class AuditTask:
     repair_config: RepairConfig = field(default_factory=RepairConfig)
     repair_dir: str = ""
     calibration: Calibration | None = None
+    reference: ErrorReference | None = None
 
 
 @functools.lru_cache(maxsize=CONTEXTS_PER_WORKER)
@@ -116,7 +119,7 @@ def audit_model(task: AuditTask, datasets: dict[tuple[str, str], Any] | None = N
     data_seconds = time.perf_counter() - start
     device = resolve_device(task.device)
     detect = detect_in_context(task.path, ctx, task.detection, task.layer, device, task.seed, task.arch,
-                               task.calibration)
+                               task.calibration, task.reference)
     out: dict[str, Any] = {"detect": detect, "data_seconds": data_seconds, "worker": os.getpid(), "repair": None}
     if task.repair and detect["pairs"]:
         pair = detect["pairs"][0]

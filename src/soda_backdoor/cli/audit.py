@@ -53,7 +53,8 @@ def _cmd_audit(args) -> int:
                          detection=_detection_config(args), layer=args.layer, jobs=args.jobs, backend=args.backend,
                          ray_address=args.ray_address, gpus_per_job=args.gpus_per_job, device=args.device,
                          seed=args.seed, repair=args.repair, reconstruction=_recon_config(args),
-                         repair_config=_repair_config(args), calibration=args.calibration)
+                         repair_config=_repair_config(args), calibration=args.calibration,
+                         reference=args.reference)
 
     def progress(row, done, total):
         if args.quiet:

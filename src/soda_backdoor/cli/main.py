@@ -89,6 +89,14 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-rule", default=None, help="how the source class is chosen: fastest (default), "
                    "one_way, mean_logit (the study's) or asymmetry; see docs/method.md section 2.3")
     g.add_argument("--effects", default=None, help="save the attribution matrices (.npz) here")
+    g.add_argument("--evidence", default=None, choices=["errors", "weights"],
+                   help="what the verdict rests on: errors (default: confident errors on the test split against "
+                        "a reference of clean models) or weights (the weight profile and a source rule, as the "
+                        "study); see docs/detection.md")
+    g.add_argument("--tau-errors", type=float, default=None,
+                   help="confident-error evidence (-log10 p) above which a pair is flagged (default 2.35)")
+    g.add_argument("--reference", default=None, help="a confident-error reference from `soda zoo reference` "
+                   "(default: the shipped one, cnn and lenet on fmnist)")
 
 
 def _recon_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
@@ -279,15 +287,26 @@ def _emit(args, result: dict, summary: str) -> None:
 def _detection_config(args):
     from ..analysis import AttributionConfig
     from ..detection import DetectionConfig
+    from ..detection.errors import ErrorConfig
 
     base = DetectionConfig()
     attribution = build_config(AttributionConfig, {"num_samples": "--num-samples", "chunk_size": "--chunk-size"},
                          num_samples=args.num_samples, chunk_size=args.chunk_size)
+    errors = build_config(ErrorConfig, {"tau": "--tau-errors"},
+                          tau=base.errors.tau if args.tau_errors is None else args.tau_errors)
     return build_config(DetectionConfig, {"tau_target": "--tau-target", "tau_source": "--tau-source",
-                                    "source_rule": "--source-rule"},
+                                    "source_rule": "--source-rule", "evidence": "--evidence"},
                   tau_target=base.tau_target if args.tau_target is None else args.tau_target,
                   tau_source=base.tau_source if args.tau_source is None else args.tau_source,
-                  source_rule=args.source_rule or base.source_rule, attribution=attribution)
+                  source_rule=args.source_rule or base.source_rule, attribution=attribution,
+                  evidence=args.evidence or base.evidence, errors=errors)
+
+
+def _reference(args):
+    """The ``--reference`` file, loaded (``None``: the shipped reference)."""
+    from ..detection.errors import ErrorReference
+
+    return ErrorReference.load(args.reference) if getattr(args, "reference", None) else None
 
 
 def _recon_config(args):
@@ -385,7 +404,7 @@ def _cmd_detect(args) -> int:
         calibration = load_calibration(args.calibration)
     loaded, ctx, device = _model_and_context(args, required=False)
     rep = detect(loaded, ctx, config, args.layer, device, args.seed, progress=not args.quiet,
-                 calibration=calibration)
+                 calibration=calibration, reference=_reference(args))
     if args.effects:
         save_effects(args.effects, rep.effects)
     res = replace(rep, model_path=str(args.model)).to_dict()
@@ -460,7 +479,8 @@ def _cmd_run(args) -> int:
                             model=args.model, init=args.init, layer=args.layer, num_samples=args.num_samples,
                             train=_train_config(args), detect=_detection_config(args),
                             reconstruct=_recon_config(args), repair=_repair_config(args), device=args.device,
-                            force=args.force, progress=not args.quiet, calibration=args.calibration)
+                            force=args.force, progress=not args.quiet, calibration=args.calibration,
+                            reference=args.reference)
 
     def say(msg: str) -> None:
         if not args.quiet:

@@ -15,6 +15,7 @@ ZOO_EXAMPLES = """examples:
   soda zoo score zoos/dev --json zoos/dev/score.json
   soda zoo score zoos/dev --tau-target 3.5 --json s35.json     # any `soda detect` option
   soda zoo score zoos/dev --detector nc                         # the Neural Cleanse baseline
+  soda zoo reference zoos/reference --out ref.json              # the confident-error null from clean models
   soda zoo calibrate zoos/dev --out calib.json                  # P(backdoor) fitted on dev's scores
   soda zoo score zoos/test --calibration calib.json             # its log loss and Brier on test
   soda zoo repair zoos/dev --methods soda finetune fineprune nad anp --json repair.json
@@ -64,6 +65,21 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     common(c, data=False)
     detect_args(c)
     c.set_defaults(func=_cmd_zoo_calibrate)
+    f = verbs.add_parser("reference", help="count the confident errors of the clean models of zoos: the null of "
+                         "the confident-error evidence",
+                         description="For every clean model of the zoos (backdoored ones are left out), count the "
+                                     "samples of each class that it gives another class with softmax >= "
+                                     "--threshold on the dataset's test split, and pool the counts per "
+                                     "architecture. `soda detect --reference F` compares a model with them "
+                                     "(docs/detection.md). Build it from your own clean models, never from the "
+                                     "models you evaluate.")
+    f.add_argument("dirs", nargs="+", help="folders written by `soda zoo build` (one dataset)")
+    f.add_argument("--out", required=True, help="the reference (JSON), for `soda detect --reference`")
+    f.add_argument("--threshold", type=float, default=None, help="confidence from which an error counts "
+                   "(default 0.9)")
+    f.add_argument("--jobs", type=int, default=1, help="models at once, one thread each (default 1)")
+    common(f, data=False)
+    f.set_defaults(func=_cmd_zoo_reference)
     r = verbs.add_parser("repair", help="repair every working backdoor of a built zoo with each method")
     r.add_argument("dir", help="a folder written by `soda zoo build`")
     r.add_argument("--methods", nargs="+", default=["soda"],
@@ -124,16 +140,22 @@ def _scored_zoo(args):
         from ..detection import NeuralCleanseConfig
 
         config = NeuralCleanseConfig(seed=args.seed)
+        reference = None
     else:
+        from ..detection.errors import shipped_reference
+        from .main import _reference
+
         config = _detection_config(args)
-    key = settings_key(config, args.layer)
+        reference = (_reference(args) or shipped_reference()) if config.evidence == "errors" else None
+    key = settings_key(config, args.layer, reference)
 
     def progress(row, done, total):
         if not args.quiet:
             what = f"score {row['score']:.2f}" if "error" not in row else f"FAILED: {row['error']}"
             print(f"[{done}/{total}] {row['key']}: {what}", file=sys.stderr, flush=True)
 
-    return score_zoo(args.dir, args.detector, config, args.layer, args.jobs, args.device, key, progress), key
+    return score_zoo(args.dir, args.detector, config, args.layer, args.jobs, args.device, key, progress,
+                     reference), key
 
 
 def _cmd_zoo_score(args) -> int:
@@ -216,13 +238,35 @@ def _cmd_zoo_calibrate(args) -> int:
     if args.json:
         write_json(args.json, cal.to_dict())
     print(f"calibration of {cal.describe()}")
-    print(f"{'arch':<10}{'clean':>6}{'bd':>5}  {'P(backdoor) = s(a*score + b)':<32}{'P(class = target) = s(a*AI + b)':<34}")
+    print(f"{'arch':<10}{'clean':>6}{'bd':>5}  {'P(backdoor) = s(a*score + b)':<32}{'P(class = target) = s(a*class score + b)':<34}")
     for a in cal.archs:
         maps = "".join(f"{f'a {m.slope:.3f}, b {m.intercept:.3f}' + (' (a<0->0)' if m.clamped else ''):<32}  "
                        for m in (a.model, a.target))
         print(f"{a.arch:<10}{a.num_clean:>6}{a.num_backdoored:>5}  {maps}{'pooled' if a.pooled else ''}".rstrip())
     for note in cal.notes:
         print(f"  note: {note}")
+    print(f"-> {args.out}")
+    return 0
+
+
+def _cmd_zoo_reference(args) -> int:
+    from ..detection.errors import DEFAULT_THRESHOLD
+    from ..zoo.reference import build_zoo_reference
+
+    _check_jobs(args.jobs)
+
+    def progress(row, done, total):
+        if not args.quiet:
+            print(f"[{done}/{total}] {row['key']}: {sum(map(sum, row['counts']))} confident errors "
+                  f"({row['seconds']:.1f}s)", file=sys.stderr, flush=True)
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    ref = build_zoo_reference(args.dirs, threshold, args.jobs, args.device, progress)
+    ref.save(args.out)
+    print(f"confident-error reference on {ref.dataset} at softmax >= {ref.threshold:g}:")
+    for e in ref.entries:
+        n = sum(map(sum, e.counts))
+        print(f"  {e.arch}: {e.num_models} clean model(s), {n} confident errors in {sum(e.totals)} samples")
     print(f"-> {args.out}")
     return 0
 

@@ -27,6 +27,7 @@ from ..analysis.hooks import LayerRef
 from ..analysis.optimize import optimize_batch
 from ..errors import check_at_least, check_choice, check_finite
 from ..utils import cpu_channels_last, eval_mode, frozen, pass_batch
+from .errors import ErrorConfig
 from .stats import OutlierTest, mad_outliers, pearson
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ class DetectionConfig:
         source_lr: learning rate of the step-based rules' optimisation (finer than the
             reconstruction's; why: docs/method.md §2.3).
         attribution: settings of the causal attribution.
+        evidence: what the verdict rests on: ``errors`` (default: confident errors on natural
+            data against a reference of clean models, :mod:`.errors`; the weight profile where
+            no reference covers the model's dataset) or ``weights`` (the weight-profile target
+            score and a source rule, as the study).
+        errors: settings of the confident-error verdict.
     """
 
     tau_target: float = 4.5
@@ -56,8 +62,11 @@ class DetectionConfig:
     source_steps: int = 50
     source_lr: float = 0.01
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    evidence: str = "errors"
+    errors: ErrorConfig = field(default_factory=ErrorConfig)
 
     def __post_init__(self) -> None:
+        check_choice("evidence", self.evidence, EVIDENCE)
         check_finite("tau_target", self.tau_target)
         check_finite("tau_source", self.tau_source)
         check_choice("source_rule", self.source_rule, tuple(SOURCE_RULES))
@@ -67,6 +76,7 @@ class DetectionConfig:
 
 
 SOURCE_RULES = ("fastest", "one_way", "mean_logit", "asymmetry")
+EVIDENCE = ("errors", "weights")
 
 
 @dataclass(frozen=True)
@@ -303,7 +313,8 @@ def _floats(t: Tensor) -> tuple[float, ...]:
 
 def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Tensor], num_classes: int,
                     config: DetectionConfig | None = None, progress: bool = False,
-                    effects: NeuronEffects | None = None) -> tuple[DetectionResult, NeuronEffects]:
+                    effects: NeuronEffects | None = None,
+                    find_sources: bool = True) -> tuple[DetectionResult, NeuronEffects]:
     """Run causal attribution and detection.
 
     Args:
@@ -314,6 +325,8 @@ def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Ten
         config: thresholds and attribution settings.
         progress: progress bar.
         effects: reuse precomputed attributions.
+        find_sources: run the source rule for each flagged target (``False``: the target
+            scores only, and no pairs, when another evidence gives the verdict).
 
     Returns:
         The detection result and the attribution matrices.
@@ -326,7 +339,7 @@ def detect_backdoor(model: nn.Module, ref: LayerRef, class_inputs: dict[int, Ten
     test = mad_outliers(s, config.tau_target)
     sources = []
     pairs = []
-    if test.flagged:
+    if test.flagged and find_sources:
         rule = get_source_rule(config.source_rule)
         e = mean_logits(model, {c: x[:config.attribution.num_samples] for c, x in class_inputs.items()}, num_classes)
         for t in test.flagged:

@@ -71,7 +71,21 @@ def render_report(run_dir: str | Path) -> Path:
 
     verdict_cls = "bad" if summary["backdoor"] else "good"
     verdict = f"<div class='verdict {verdict_cls}'>{html.escape(summary['verdict'])}</div>"
-    if det:
+    err = (det or {}).get("errors")
+    if det and err:
+        if det["backdoor"]:
+            how = ", ".join(f"{err['counts']['counts'][p['source']][p['target']]} test samples of "
+                            f"{class_label(names, p['source'])} given {class_label(names, p['target'])} with "
+                            f"softmax >= {err['counts']['threshold']:g}, evidence "
+                            f"{err['evidence'][p['source']][p['target']]:.2f}" for p in det["pairs"])
+            how += f" (threshold {err['config']['tau']:g}; reference {err['reference']})"
+        else:
+            how = (f"the largest confident-error evidence of any class pair is {err['score']:.2f}, below the "
+                   f"threshold {err['config']['tau']:g} (reference {err['reference']})")
+        verdict += f"<p>How sure: {html.escape(how)}.</p>"
+    if det and det.get("note"):
+        verdict += f"<p>Note: {html.escape(det['note'])}</p>"
+    if det and not err:
         tt = det["target_test"]
         finite = [a for a in tt["anomaly_index"] if a == a and a != float("inf")]
         if det["backdoor"]:
@@ -81,6 +95,7 @@ def render_report(run_dir: str | Path) -> Path:
             how = (f"the largest anomaly index of any class is {max(finite) if finite else 0:.2f}, below the "
                    f"threshold {tt['threshold']:g}")
         verdict += f"<p>How sure: {html.escape(how)}.</p>"
+    if det:
         cal = det.get("calibration")
         if cal:  # `soda run --calibration`
             said = (cal["message"] if cal["probability"] is None else
@@ -143,9 +158,21 @@ def render_report(run_dir: str | Path) -> Path:
                         f"{rep['neurons_kept']} of {rep['num_neurons']} neurons (mask fraction "
                         f"{rep['config']['top']:g}), with {rep['n_repair_samples']} reconstructed samples and "
                         f"{rep['n_defender']} clean samples.</p>")
+    if err:
+        ev, counts = err["evidence"], err["counts"]["counts"]
+        rows = []
+        for t in range(len(ev)):
+            src = max((k for k in range(len(ev)) if k != t), key=lambda k: ev[k][t])
+            rows.append([class_label(names, t), class_label(names, src), counts[src][t], ev[src][t],
+                         "flagged" if any(p["target"] == t for p in det["pairs"]) else ""])
+        sections.append("<h2>Confident errors (the verdict)</h2>" + _table(
+            rows, ["target", "from source", "errors", "evidence (-log10 p)", ""]) +
+            f"<p>Test samples of each class that the model gives another class with softmax &gt;= "
+            f"{err['counts']['threshold']:g}, against the clean reference models {html.escape(err['reference'])} "
+            f"(Poisson null, prior {err['config']['prior']:g}); docs/detection.md.</p>")
     if det:
         tt = det["target_test"]
-        sections.append("<h2>Detection scores</h2>" + _table(
+        sections.append(("<h2>Weight profile (for context)</h2>" if err else "<h2>Detection scores</h2>") + _table(
             [[class_label(names, k), s, a, "target" if k in tt["flagged"] else ""]
              for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"]))],
             ["class", "target score", "anomaly index", "flagged"]) +

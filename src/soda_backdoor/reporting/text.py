@@ -26,12 +26,14 @@ def format_detection(res: dict[str, Any]) -> str:
     tt = res["target_test"]
     folded = f", folded {res['folded']}" if res.get("folded") else ""
     cal = res.get("calibration")
-    probs = cal["class_probabilities"] if cal else []
-    lines = [f"layer {res['layer']} ({res['attribution_method']}{folded}), target threshold {tt['threshold']:g}",
-             f"{'class':<18}{'target score':>13}{'anomaly':>10}" + (f"{'P(target)':>11}" if probs else "")]
+    probs = cal["class_probabilities"] if cal and cal.get("class_probabilities") else []
+    weight_probs = [] if res.get("errors") else probs
+    context = " (weight profile, for context: the verdict rests on the confident errors below)" if res.get("errors") else ""
+    lines = [f"layer {res['layer']} ({res['attribution_method']}{folded}), target threshold {tt['threshold']:g}{context}",
+             f"{'class':<18}{'target score':>13}{'anomaly':>10}" + (f"{'P(target)':>11}" if weight_probs else "")]
     for k, (s, a) in enumerate(zip(tt["scores"], tt["anomaly_index"])):
-        mark = "  <- target" if k in tt["flagged"] else ""
-        p = f"{probs[k]:>11.3f}" if probs else ""
+        mark = "  <- target" if k in tt["flagged"] and not res.get("errors") else ""
+        p = f"{weight_probs[k]:>11.3f}" if weight_probs else ""
         lines.append(f"{class_label(names, k):<18}{s:>13.4f}{a:>10.2f}{p}{mark}")
     for src in res["sources"]:
         lines.append(f"source scores for target {class_label(names, src['target'])} (rule {src['rule']}):")
@@ -41,9 +43,17 @@ def format_detection(res: dict[str, Any]) -> str:
                 continue
             lines.append(f"  {class_label(names, c):<16} score {src['scores'][c]:8.3f}  forward {src['forward'][c]:7.3f}  "
                          f"reverse {src['reverse'][c]:7.3f}  mean target logit {src['mean_logit'][c]:7.3f}")
+    err = res.get("errors")
+    if err:
+        lines += format_errors(err, names, probs)
+    if res.get("note"):
+        lines.append(f"note: {res['note']}")
     if res["backdoor"]:
         pairs = ", ".join(f"{class_label(names, p['source'])} -> {class_label(names, p['target'])}" for p in res["pairs"])
         lines.append(f"VERDICT: semantic backdoor detected: {pairs}")
+    elif err:
+        lines.append(f"VERDICT: no semantic backdoor detected (no pair's confident-error evidence exceeds "
+                     f"{err['config']['tau']:g}; max {err['score']:.2f})")
     else:
         lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
                      f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
@@ -51,6 +61,23 @@ def format_detection(res: dict[str, Any]) -> str:
         lines.append(cal["message"] if cal["probability"] is None else
                      f"P(backdoor) = {cal['probability']:.3f} (calibrated on {cal['fitted_on']})")
     return "\n".join(lines)
+
+
+def format_errors(err: dict[str, Any], names: Sequence[str], probs: Sequence[float] = ()) -> list[str]:
+    """The confident-error evidence per target class (``ErrorDetection.to_dict()``)."""
+    c = err["counts"]
+    flagged = {p["target"] for p in err["pairs"]}
+    lines = [f"confident errors (softmax >= {c['threshold']:g}) on {sum(c['totals'])} test samples, against the "
+             f"reference {err['reference']}; the verdict rests on them (threshold {err['config']['tau']:g}):",
+             f"{'target':<18}{'from source':<18}{'errors':>7}{'evidence':>10}" + (f"{'P(target)':>11}" if probs else "")]
+    ev = err["evidence"]
+    for t in range(len(ev)):
+        s = max((k for k in range(len(ev)) if k != t), key=lambda k: ev[k][t])
+        p = f"{probs[t]:>11.3f}" if probs else ""
+        mark = "  <- flagged" if t in flagged else ""
+        lines.append(f"{class_label(names, t):<18}{class_label(names, s):<18}{c['counts'][s][t]:>7}"
+                     f"{ev[s][t]:>10.2f}{p}{mark}")
+    return lines
 
 
 def format_repair(res: dict[str, Any]) -> str:

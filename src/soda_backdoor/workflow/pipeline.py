@@ -24,6 +24,7 @@ from typing import Any, Callable
 from ..artifacts import load_calibration, load_samples, save_effects, save_reconstruction
 from ..data import get_attack, load_dataset
 from ..detection import DetectionConfig
+from ..detection.errors import ErrorReference, shipped_reference
 from ..errors import UserInputError
 from ..models import ModelMeta, save_model
 from ..reconstruction import ReconstructionConfig
@@ -62,6 +63,8 @@ class PipelineConfig:
         progress: progress bars.
         calibration: a calibration file from ``soda zoo calibrate``: the detection also reports
             P(backdoor) and P(class is the target) (docs/detection.md).
+        reference: a confident-error reference from ``soda zoo reference`` (``None``: the
+            shipped one).
     """
 
     out_dir: str = DEFAULT_DIR
@@ -83,6 +86,7 @@ class PipelineConfig:
     force: bool = False
     progress: bool = False
     calibration: str | None = None
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -239,14 +243,17 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
 
     # 3. detect
     calibration = load_calibration(config.calibration) if config.calibration else None
+    reference = ErrorReference.load(config.reference) if config.reference else shipped_reference()
 
     def run_detect() -> dict:
         rep = detect(loaded, context(loaded.meta, False, 0), det_cfg, config.layer, device, config.seed, progress,
-                     calibration)
+                     calibration, reference)
         save_effects(out / "effects.npz", rep.effects)
         return _written(out / "detect.json", rep.to_dict() | {"model": str(model_file)})
 
     calibrated = {"calibration": _file_hash(Path(config.calibration))} if config.calibration else {}
+    if det_cfg.evidence == "errors":
+        calibrated["reference"] = hashlib.sha256(json.dumps(reference.to_dict(), sort_keys=True).encode()).hexdigest()
     det = runner.step("detect", {**data_key, "model": model_key, "detect": asdict(det_cfg), "layer": config.layer,
                                  **calibrated},
                       ["detect.json", "effects.npz"], run_detect)

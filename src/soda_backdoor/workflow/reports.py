@@ -13,6 +13,7 @@ from typing import Any
 
 from ..analysis import NeuronEffects
 from ..detection import CalibratedScore, DetectionResult
+from ..detection.errors import ErrorDetection
 from ..models import LoadedModel
 from ..reconstruction import Reconstruction
 from ..repair import BaselineRepairResult, RepairConfig, RepairResult
@@ -60,7 +61,13 @@ class TrainReport:
 
 @dataclass(frozen=True)
 class DetectReport:
-    """The detection verdict, with the class names it refers to (and probabilities, when calibrated)."""
+    """The detection verdict, with the class names it refers to (and probabilities, when calibrated).
+
+    ``errors`` is the confident-error verdict when it gave the verdict (``DetectionConfig.evidence``);
+    ``result`` always holds the causal attribution's target scores (and, without ``errors``,
+    the weight-profile verdict). ``note`` says when the verdict fell back or used another
+    architecture's reference.
+    """
 
     result: DetectionResult
     class_names: tuple[str, ...]
@@ -68,17 +75,35 @@ class DetectReport:
     effects: NeuronEffects = field(repr=False, compare=False)
     model_path: str = ""
     calibrated: CalibratedScore | None = None
+    errors: ErrorDetection | None = None
+    note: str = ""
 
     @property
     def backdoor(self) -> bool:
-        return self.result.backdoor
+        return self.errors.backdoor if self.errors is not None else self.result.backdoor
 
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
-        return self.result.pairs
+        return self.errors.pairs if self.errors is not None else self.result.pairs
+
+    @property
+    def evidence(self) -> str:
+        """What the verdict rests on: ``errors`` or ``weights``."""
+        return "errors" if self.errors is not None else "weights"
+
+    @property
+    def class_scores(self) -> tuple[float, ...]:
+        """Per class, the score the verdict thresholds (evidence into it, or its anomaly index)."""
+        return self.errors.class_scores if self.errors is not None else self.result.target_test.anomaly_index
 
     def to_dict(self) -> dict[str, Any]:
         out = self.result.to_dict()
+        out["weight_profile"] = {"backdoor": out["backdoor"], "pairs": out["pairs"]}
+        out["backdoor"] = self.backdoor
+        out["pairs"] = [{"source": s, "target": t} for s, t in self.pairs]
+        out["evidence"] = self.evidence
+        out["errors"] = self.errors.to_dict() if self.errors is not None else None
+        out["note"] = self.note
         out["seconds"] = self.seconds
         out["analysis_seconds"] = self.result.seconds
         out["model"] = self.model_path

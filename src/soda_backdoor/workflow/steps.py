@@ -21,6 +21,8 @@ from ..analysis import AttributionConfig, activations, compute_neuron_effects, p
 from ..artifacts import SampleSet, model_fingerprint
 from ..data import normalize
 from ..detection import Calibration, DetectionConfig, detect_backdoor
+from ..detection.errors import (ErrorConfig, ErrorDetection, ErrorReference, confident_errors, detect_errors,
+                                shipped_reference)
 from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
@@ -74,27 +76,57 @@ def evaluate(model: LoadedModel, ctx: DataContext, device: torch.device | str = 
 
 def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None = None, layer: str | None = None,
            device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
-           calibration: Calibration | None = None) -> DetectReport:
-    """Causal attribution and target/source detection (docs/method.md, sections 2.2-2.3).
+           calibration: Calibration | None = None, reference: ErrorReference | None = None) -> DetectReport:
+    """Causal attribution and target/source detection (docs/method.md §2.2-2.3, docs/detection.md).
 
-    ``ctx.attack`` only keeps the attack's semantic samples out of the clean analysis data;
-    detection itself needs no attack. With a ``calibration`` (``soda zoo calibrate``) the
-    report also carries P(backdoor) and P(class is the target), or, for a model of an arch or
-    dataset the calibration does not cover, the message saying so; the verdict is unchanged.
+    With ``config.evidence == "errors"`` (the default) the verdict is the confident-error
+    evidence (:mod:`soda_backdoor.detection.errors`): the model's confident errors on the
+    dataset's whole test split (attack or no attack: the detector does not know it) against
+    ``reference`` (default: the shipped one). Where the reference does not cover the
+    dataset, the verdict falls back to the weight profile, and the report says so. The
+    causal attribution always runs (its target scores are in the report); ``ctx.attack``
+    only keeps the attack's semantic samples out of its clean analysis data.
+
+    With a ``calibration`` (``soda zoo calibrate``) the report also carries P(backdoor) and
+    P(class is the target), or, for a model of an arch or dataset the calibration does not
+    cover, the message saying so; the verdict is unchanged.
     """
     config = config or DetectionConfig()
     if calibration is not None:
         _check_calibration(calibration, config, layer)
     t0 = time.perf_counter()
     seed_everything(seed)
+    errors, note = None, ""
+    if config.evidence == "errors":
+        errors, note = confident_error_verdict(model, ctx, config.errors, reference, torch.device(device))
+        if errors is None:
+            warnings.warn(note, stacklevel=2)
     ref = parse_layer(model.module, layer)
     inputs = class_inputs(ctx, model.meta, config.attribution.num_samples, torch.device(device))
-    result, effects = detect_backdoor(model.module, ref, inputs, ctx.data.num_classes, config, progress)
+    result, effects = detect_backdoor(model.module, ref, inputs, ctx.data.num_classes, config, progress,
+                                      find_sources=errors is None)
     calibrated = None
     if calibration is not None:
-        calibrated = calibration.apply(result.target_test.anomaly_index, model.meta.arch, ctx.data.spec.name)
+        scores = errors.class_scores if errors is not None else result.target_test.anomaly_index
+        calibrated = calibration.apply(scores, model.meta.arch, ctx.data.spec.name)
     return DetectReport(result, tuple(ctx.data.spec.class_names), time.perf_counter() - t0, effects,
-                        calibrated=calibrated)
+                        calibrated=calibrated, errors=errors, note=note)
+
+
+def confident_error_verdict(model: LoadedModel, ctx: DataContext, config: ErrorConfig,
+                            reference: ErrorReference | None = None,
+                            device: torch.device | str = "cpu") -> tuple[ErrorDetection | None, str]:
+    """The confident-error verdict on the dataset's whole test split, and a note.
+
+    ``(None, why)`` when ``reference`` (default: the shipped one) does not cover the dataset.
+    """
+    reference = reference or shipped_reference()
+    entry, note = reference.for_model(model.meta.arch, ctx.data.spec.name)
+    if entry is None:
+        return None, note + "; the verdict comes from the weight profile (docs/detection.md)"
+    x = normalize(ctx.data.x_test.to(device), model.meta.mean, model.meta.std)
+    counts = confident_errors(model.module, x, ctx.data.y_test, ctx.data.num_classes, reference.threshold)
+    return detect_errors(counts, entry, config, note), note
 
 
 def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None) -> None:
@@ -105,6 +137,11 @@ def _check_calibration(calibration: Calibration, config: DetectionConfig, layer:
     fitted = calibration.settings
     if not fitted:
         return
+    evidence = (fitted.get("detector_config") or {}).get("evidence", "weights")
+    if evidence != config.evidence:
+        raise UserInputError(f"the calibration maps scores of the {evidence} evidence, this detection's verdict "
+                             f"uses {config.evidence}; fit one on scores of this setting (`soda zoo calibrate`) "
+                             f"or pass --evidence {evidence}")
     mine = json.loads(json.dumps({"layer": layer, "attribution": asdict(config.attribution)}))
     theirs = {"layer": fitted.get("layer"), "attribution": (fitted.get("detector_config") or {}).get("attribution")}
     if mine != theirs:

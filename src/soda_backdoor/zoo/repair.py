@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from ..executor import run_tasks
 from .build import append_jsonl, read_jsonl, read_manifest
+from ..detection import DetectionConfig
+from ..detection.errors import shipped_reference
 from ..repair import RepairConfig
 from .score import label_rows
 
@@ -133,7 +135,9 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
     soda_config = dict(soda_config or {})
     effective = asdict(RepairConfig(**soda_config))  # fails early on a bad setting
     effective.pop("seed")
-    # A soda result is cached under the full repair settings, so a changed default is a new entry.
+    if not given_pair:  # the detection picks the pair: its settings and reference are part of the result
+        effective["detection"] = {"config": asdict(DetectionConfig()), "reference": shipped_reference().to_dict()}
+    # A soda result is cached under the full settings, so a changed default is a new entry.
     soda_tag = "soda-" + hashlib.sha256(json.dumps(effective, sort_keys=True).encode()).hexdigest()[:10]
     tag = "-given" if given_pair else ""
     cache_path = work / f"results-seed{seed}{tag}.jsonl"

@@ -80,11 +80,11 @@ def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     loaded, ctx, device = _open(task)
-    res = detect(loaded, ctx, task["config"], task["layer"], device).to_dict()
-    ai = [a if a == a else 0.0 for a in res["target_test"]["anomaly_index"]]
-    return {"score": model_score(ai), "flagged": bool(res["backdoor"]), "pairs": [[p["source"], p["target"]]
-                                                                          for p in res["pairs"]],
-            "class_scores": ai, "seconds": time.perf_counter() - start}
+    rep = detect(loaded, ctx, task["config"], task["layer"], device, reference=task.get("reference"))
+    scores = [a if a == a else 0.0 for a in rep.class_scores]
+    return {"score": model_score(scores), "flagged": bool(rep.backdoor), "pairs": [list(p) for p in rep.pairs],
+            "class_scores": scores, "evidence": rep.evidence, "note": rep.note,
+            "seconds": time.perf_counter() - start}
 
 
 def _detect_nc(task: dict[str, Any]) -> dict[str, Any]:
@@ -110,9 +110,11 @@ def _detect_nc(task: dict[str, Any]) -> dict[str, Any]:
 DETECTORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"soda": _detect_soda, "nc": _detect_nc}
 
 
-def settings_key(config: Any, layer: str | None) -> str:
-    """Hash of a detector's settings (a config dataclass and the layer): the name of its score cache."""
-    return hashlib.sha256(json.dumps([asdict(config), layer], sort_keys=True).encode()).hexdigest()[:12]
+def settings_key(config: Any, layer: str | None, reference: Any = None) -> str:
+    """Hash of a detector's settings (a config dataclass, the layer and a confident-error
+    reference, when one is given): the name of its score cache."""
+    parts = [asdict(config), layer] + ([reference.to_dict()] if reference is not None else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -243,7 +245,8 @@ def _annotate(row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
 
 def score_zoo(zoo_dir: str | Path, detector: str = "soda", config: Any = None, layer: str | None = None,
               jobs: int = 1, device: str = "cpu", cache_key: str = "",
-              on_model: Callable[[dict[str, Any], int, int], None] | None = None) -> ZooScore:
+              on_model: Callable[[dict[str, Any], int, int], None] | None = None,
+              reference: Any = None) -> ZooScore:
     """Run ``detector`` on every model of a built zoo and score it.
 
     Results are cached per model in ``DIR/scores/<detector>-<cache_key>.jsonl``, so a rerun
@@ -258,6 +261,7 @@ def score_zoo(zoo_dir: str | Path, detector: str = "soda", config: Any = None, l
         device: ``cpu``, ``cuda`` or ``auto``.
         cache_key: identifies the settings in the cache file name.
         on_model: called with each finished row, done and total.
+        reference: the confident-error reference for ``soda`` (``None``: the shipped one).
     """
     from ..errors import UserInputError
 
@@ -273,7 +277,7 @@ def score_zoo(zoo_dir: str | Path, detector: str = "soda", config: Any = None, l
     cached = read_jsonl(cache_path)
     tasks = [{"key": r["key"], "path": str(root / r["file"]), "dataset": r["dataset"], "data_dir": r.get("data_dir", ""),
               "attack": r["attack"], "attack_file": r.get("attack_file", ""), "config": config, "layer": layer,
-              "device": device} for r in rows if r["key"] not in cached]
+              "device": device, "reference": reference} for r in rows if r["key"] not in cached]
     for i, outcome in enumerate(run_tasks(DETECTORS[detector], tasks, jobs), 1):
         res = outcome.result if outcome.ok else {"error": outcome.error}
         cached[outcome.task["key"]] = {"key": outcome.task["key"], **res}
@@ -293,9 +297,11 @@ def score_zoo(zoo_dir: str | Path, detector: str = "soda", config: Any = None, l
                              f"{failed[0]['error']}")
     counted = [r for r in scored if r["role"] != "excluded"]
     secs = [r["seconds"] for r in scored]
+    settings = {"layer": layer, "detector_config": asdict(config) if config is not None else None}
+    if reference is not None:
+        settings["reference"] = reference.provenance
     return ZooScore(detector, str(root), group_score(counted), breakdown(counted), scored,
-                    sum(secs) / len(secs) if secs else 0.0,
-                    {"layer": layer, "detector_config": asdict(config) if config is not None else None})
+                    sum(secs) / len(secs) if secs else 0.0, settings)
 
 
 def _losses(y: list[int], p: list[float]) -> tuple[float | None, float | None, float | None, float | None]:

@@ -1,0 +1,313 @@
+"""Confident-error evidence: a semantic backdoor seen as a one-way shortcut on natural data.
+
+A semantic backdoor sends the natural samples of a subgroup of class ``s`` (dark trousers,
+striped T-shirts) to class ``t`` with high confidence. A clean model makes confident errors
+too, but between classes that look alike (shirt and T-shirt), at rates that the defender's
+own clean reference models of the same architecture and dataset show. For every ordered pair
+``(s, t)`` the evidence compares the model's count of confident errors,
+
+    n[s, t] = #{x of class s : softmax_t(x) >= threshold},
+
+with a Poisson null whose rate is the reference models' pooled rate for that pair (plus a
+prior of ``prior`` errors, so a pair the references never confuse is not infinitely rare):
+
+    E[s, t] = -log10 P(X >= n[s, t]),   X ~ Poisson(N_s * (sum_ref n[s, t] + prior) / sum_ref N_s).
+
+The pair with the largest evidence is the candidate (source, target); the model is flagged
+when it exceeds ``tau``. The data must be natural held-out data of the dataset, attack or no
+attack (the test split): a subgroup absent from the defender's data leaves no evidence.
+Evidence and limits: docs/detection.md.
+
+Example:
+    >>> ref = build_reference([(counts, "cnn") for counts in clean_counts], "fmnist", 0.95)
+    >>> counts = confident_errors(model, x_test, y_test, 10, 0.95)
+    >>> detect_errors(counts, ref.entry("cnn")).pairs
+    ((0, 2),)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserInputError, check_finite
+from ..utils import cpu_channels_last, eval_mode, pass_batch
+
+FORMAT = "soda-error-reference/1"
+SHIPPED = "error_reference.json"
+
+
+DEFAULT_THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class ErrorConfig:
+    """Settings of the confident-error verdict (the counting threshold is the reference's).
+
+    Attributes:
+        prior: errors added to every pair of the reference (a pair never confused by the
+            references gets rate ``prior / N``, not 0).
+        tau: evidence (-log10 p) above which a pair is flagged.
+    """
+
+    prior: float = 2.0
+    tau: float = 2.35
+
+    def __post_init__(self) -> None:
+        check_finite("prior", self.prior, positive=True)
+        check_finite("tau", self.tau)
+
+
+def check_threshold(threshold: float) -> None:
+    """A confidence in (0, 1)."""
+    check_finite("threshold", threshold)
+    if not 0.0 < threshold < 1.0:
+        raise UserInputError(f"the confidence threshold must be in (0, 1), got {threshold}")
+
+
+@dataclass(frozen=True)
+class ErrorCounts:
+    """Confident errors of one model: ``counts[s, t]`` out of ``totals[s]`` samples of class s."""
+
+    counts: tuple[tuple[int, ...], ...]
+    totals: tuple[int, ...]
+    threshold: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.totals)
+
+
+@torch.no_grad()
+def confident_errors(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, threshold: float,
+                     batch_size: int | None = None) -> ErrorCounts:
+    """Count, per ordered class pair, the samples of the first class given to the second with
+    softmax probability ``>= threshold``.
+
+    Args:
+        model: the classifier.
+        x: normalised inputs, on the model's device.
+        y: their labels (any device).
+        num_classes: K.
+        threshold: confidence from which an error counts.
+        batch_size: samples per forward pass (default: by device).
+    """
+    check_threshold(threshold)
+    y = y.to(x.device)
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=x.device)
+    batch_size = batch_size or pass_batch(x.device)
+    with eval_mode(model), cpu_channels_last(model):
+        for i in range(0, len(x), batch_size):
+            p = model(x[i:i + batch_size]).float().softmax(1)
+            hit = (p >= threshold).long()
+            counts.index_add_(0, y[i:i + batch_size], hit)
+    counts.fill_diagonal_(0)
+    totals = torch.bincount(y, minlength=num_classes)
+    return ErrorCounts(tuple(tuple(int(v) for v in row) for row in counts.cpu()),
+                       tuple(int(v) for v in totals.cpu()), float(threshold))
+
+
+@dataclass(frozen=True)
+class ReferenceEntry:
+    """The pooled confident errors of the clean reference models of one architecture."""
+
+    arch: str
+    counts: tuple[tuple[int, ...], ...]
+    totals: tuple[int, ...]
+    num_models: int
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ErrorReference:
+    """Per-architecture null of confident errors on one dataset (``soda zoo reference``).
+
+    Attributes:
+        dataset: the dataset the counts are on.
+        threshold: the confidence the counts used.
+        entries: one per architecture.
+        provenance: where the models came from (zoo, commit, torch).
+    """
+
+    dataset: str
+    threshold: float
+    entries: tuple[ReferenceEntry, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def archs(self) -> tuple[str, ...]:
+        return tuple(e.arch for e in self.entries)
+
+    def entry(self, arch: str) -> ReferenceEntry | None:
+        """The entry of ``arch``; ``None`` when there is none."""
+        return next((e for e in self.entries if e.arch == arch), None)
+
+    def pooled(self) -> ReferenceEntry:
+        """Every architecture's models together (for an architecture without an entry)."""
+        k = len(self.entries[0].totals)
+        counts = [[sum(e.counts[s][t] for e in self.entries) for t in range(k)] for s in range(k)]
+        totals = [sum(e.totals[s] for e in self.entries) for s in range(k)]
+        return ReferenceEntry("+".join(self.archs), tuple(map(tuple, counts)), tuple(totals),
+                              sum(e.num_models for e in self.entries),
+                              tuple(m for e in self.entries for m in e.models))
+
+    def for_model(self, arch: str, dataset: str) -> tuple[ReferenceEntry | None, str]:
+        """The entry that serves a model of ``arch`` on ``dataset``, and a note when it is not its own.
+
+        Its own architecture's entry; the pooled entry of the other architectures when it
+        has none (the natural confusions are mostly the dataset's); nothing on another dataset.
+        """
+        if dataset != self.dataset:
+            return None, (f"no confident-error reference for dataset {dataset} (the reference is on "
+                          f"{self.dataset}); build one with `soda zoo reference`")
+        own = self.entry(arch)
+        if own is not None:
+            return own, ""
+        pooled = self.pooled()
+        return pooled, (f"no confident-error reference for arch {arch} on {dataset}: compared with the "
+                        f"{pooled.num_models} clean reference models of {', '.join(self.archs)}; "
+                        f"build one for {arch} with `soda zoo reference` for a verdict of its own")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "reference") -> "ErrorReference":
+        if d.get("format") != FORMAT:
+            raise UserInputError(f"{where} is not a confident-error reference (format {d.get('format')!r}, "
+                                 f"expected {FORMAT!r})")
+        try:
+            entries = tuple(ReferenceEntry(e["arch"], tuple(map(tuple, e["counts"])), tuple(e["totals"]),
+                                           int(e["num_models"]), tuple(e.get("models", ())))
+                            for e in d["entries"])
+            ref = cls(d["dataset"], float(d["threshold"]), entries, d.get("provenance", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"{where} is malformed: {exc}") from None
+        if not entries:
+            raise UserInputError(f"{where} has no architecture entries")
+        return ref
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ErrorReference":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserInputError(f"reference file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"reference file {path} is not JSON: {exc}") from None
+        return cls.from_dict(d, str(path))
+
+
+def shipped_reference() -> ErrorReference:
+    """The reference that ships with the package (Fashion-MNIST, ``cnn`` and ``lenet``; docs/detection.md)."""
+    text = resources.files("soda_backdoor.detection").joinpath(SHIPPED).read_text()
+    return ErrorReference.from_dict(json.loads(text), f"the shipped {SHIPPED}")
+
+
+def build_reference(models: Sequence[tuple[ErrorCounts, str, str]], dataset: str,
+                    provenance: dict[str, Any] | None = None) -> ErrorReference:
+    """Pool the confident errors of clean models, per architecture.
+
+    Args:
+        models: ``(counts, arch, name)`` of each clean reference model, all at one threshold.
+        dataset: the dataset the counts are on.
+        provenance: recorded as is.
+    """
+    if not models:
+        raise UserInputError("a reference needs at least one clean model")
+    thresholds = {c.threshold for c, _, _ in models}
+    if len(thresholds) != 1:
+        raise UserInputError(f"reference models counted at different thresholds: {sorted(thresholds)}")
+    entries = []
+    for arch in sorted({a for _, a, _ in models}):
+        mine = [(c, n) for c, a, n in models if a == arch]
+        k = mine[0][0].num_classes
+        counts = [[sum(c.counts[s][t] for c, _ in mine) for t in range(k)] for s in range(k)]
+        totals = [sum(c.totals[s] for c, _ in mine) for s in range(k)]
+        entries.append(ReferenceEntry(arch, tuple(map(tuple, counts)), tuple(totals), len(mine),
+                                      tuple(n for _, n in mine)))
+    return ErrorReference(dataset, thresholds.pop(), tuple(entries), provenance or {})
+
+
+def _poisson_sf_log10(n: int, lam: float) -> float:
+    """``-log10 P(X >= n)`` for ``X ~ Poisson(lam)`` (0 for n <= 0)."""
+    if n <= 0:
+        return 0.0
+    from scipy.stats import poisson
+
+    return float(-poisson.logsf(n - 1, lam) / math.log(10))
+
+
+def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float) -> Tensor:
+    """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's Poisson null (module docstring).
+
+    The diagonal is 0.
+    """
+    k = counts.num_classes
+    if len(reference.totals) != k:
+        raise UserInputError(f"the reference has {len(reference.totals)} classes, the model {k}")
+    e = torch.zeros(k, k, dtype=torch.double)
+    for s in range(k):
+        for t in range(k):
+            if s != t and counts.totals[s] > 0:
+                rate = (reference.counts[s][t] + prior) / max(reference.totals[s], 1)
+                e[s, t] = _poisson_sf_log10(counts.counts[s][t], rate * counts.totals[s])
+    return e
+
+
+@dataclass(frozen=True)
+class ErrorDetection:
+    """The verdict of the confident-error evidence.
+
+    Attributes:
+        backdoor: some pair's evidence exceeds ``config.tau``.
+        pairs: flagged ``(source, target)`` pairs, strongest first, one per target.
+        score: the model-level score, the largest evidence of any pair.
+        class_scores: per class t, the largest evidence of any pair into t.
+        evidence: ``E[s, t]`` for every ordered pair.
+        counts: the confident errors behind it.
+        reference: which reference entry served (architecture and model count).
+        note: set when the model's own architecture had no entry.
+        config: the settings.
+    """
+
+    backdoor: bool
+    pairs: tuple[tuple[int, int], ...]
+    score: float
+    class_scores: tuple[float, ...]
+    evidence: tuple[tuple[float, ...], ...]
+    counts: ErrorCounts
+    reference: str
+    note: str
+    config: ErrorConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pairs"] = [{"source": s, "target": t} for s, t in self.pairs]
+        return d
+
+
+def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorConfig | None = None,
+                  note: str = "") -> ErrorDetection:
+    """Flag the pairs whose confident errors the reference cannot explain (module docstring)."""
+    config = config or ErrorConfig()
+    e = error_evidence(counts, reference, config.prior)
+    per_target = e.max(0)
+    order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
+    pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)
+    return ErrorDetection(bool(pairs), pairs, float(e.max()), tuple(float(v) for v in per_target.values),
+                          tuple(tuple(float(v) for v in row) for row in e), counts,
+                          f"{reference.arch} ({reference.num_models} clean models)", note, config)

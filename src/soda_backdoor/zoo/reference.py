@@ -1,0 +1,96 @@
+"""A confident-error reference from the clean models of built zoos (``soda zoo reference``).
+
+The confident-error evidence (:mod:`soda_backdoor.detection.errors`) compares a model's
+confident errors with those of clean models of the same architecture and dataset: the
+defender's own reference models. This counts them for every clean model of one or more
+zoos (backdoored models are left out) and pools them per architecture (docs/detection.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..detection.calibration import canonical_arch
+from ..detection.errors import DEFAULT_THRESHOLD, ErrorCounts, ErrorReference, build_reference, check_threshold
+from ..errors import UserInputError
+from ..executor import run_tasks
+from .build import read_manifest
+
+
+def _count_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Worker: the confident errors of one clean model on its dataset's whole test split."""
+    from ..data import normalize
+    from ..detection.errors import confident_errors
+    from ..utils import resolve_device
+    from ..workflow import open_model
+    from .build import worker_context
+
+    start = time.perf_counter()
+    device = resolve_device(task["device"])
+    ctx = worker_context(task["dataset"], task["data_dir"] or None, None, None)
+    loaded = open_model(task["path"], ctx.data, device)
+    x = normalize(ctx.data.x_test.to(device), loaded.meta.mean, loaded.meta.std)
+    c = confident_errors(loaded.module, x, ctx.data.y_test, ctx.data.num_classes, task["threshold"])
+    return {"counts": c.counts, "totals": c.totals, "seconds": time.perf_counter() - start}
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_THRESHOLD, jobs: int = 1,
+                        device: str = "cpu",
+                        on_model: Callable[[dict[str, Any], int, int], None] | None = None) -> ErrorReference:
+    """Count the confident errors of every clean model of ``zoo_dirs`` and pool them per architecture.
+
+    Args:
+        zoo_dirs: folders written by ``soda zoo build`` (one dataset).
+        threshold: the confidence from which an error counts.
+        jobs: models at once, one thread each.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        on_model: called with each finished row, done and total.
+    """
+    check_threshold(threshold)
+    rows = []
+    for d in zoo_dirs:
+        root = Path(d)
+        manifest = read_manifest(root)
+        if not manifest:
+            raise UserInputError(f"{root} holds no built zoo ({root / 'manifest.jsonl'} is missing or empty)")
+        rows += [{**r, "path": str(root / r["file"]), "zoo": root.name} for r in manifest.values()
+                 if r["attack"] == "none"]
+    if not rows:
+        raise UserInputError("the zoos hold no clean model; a reference is made of clean models")
+    datasets = sorted({r["dataset"] for r in rows})
+    if len(datasets) > 1:
+        raise UserInputError(f"the zoos' clean models are on several datasets ({', '.join(datasets)}); "
+                             "build one reference per dataset")
+    tasks = [{"key": r["key"], "path": r["path"], "dataset": r["dataset"], "data_dir": r.get("data_dir", ""),
+              "threshold": threshold, "device": device, "arch": r["arch"], "zoo": r["zoo"]} for r in rows]
+    done = []
+    for i, outcome in enumerate(run_tasks(_count_task, tasks, jobs), 1):
+        if not outcome.ok:
+            raise UserInputError(f"could not count the errors of {outcome.task['path']}: {outcome.error}")
+        done.append((outcome.task, outcome.result))
+        if on_model is not None:
+            on_model({"key": outcome.task["key"], **outcome.result}, i, len(tasks))
+    done.sort(key=lambda d: (d[0]["zoo"], d[0]["key"]))
+    import torch
+
+    provenance = {"zoos": sorted({r["zoo"] for r in rows}), "num_models": len(rows),
+                  "models_hash": hashlib.sha256(json.dumps([t["key"] for t, _ in done]).encode()).hexdigest()[:16],
+                  "commit": _commit(), "torch": torch.__version__, "machine": platform.machine()}
+    return build_reference([(ErrorCounts(tuple(map(tuple, r["counts"])), tuple(r["totals"]), threshold),
+                             canonical_arch(t["arch"]),
+                             f"{t['zoo']}/{t['key']}") for t, r in done], datasets[0], provenance)

@@ -1,0 +1,94 @@
+"""The confident-error evidence: counting, the Poisson null, references, and the verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from soda_backdoor.detection.errors import (ErrorConfig, ErrorCounts, ErrorReference, build_reference,
+                                            confident_errors, detect_errors, error_evidence, shipped_reference)
+from soda_backdoor.errors import UserInputError
+
+K = 4
+
+
+def _counts(pairs: dict[tuple[int, int], int], per_class: int = 1000, threshold: float = 0.95) -> ErrorCounts:
+    c = [[0] * K for _ in range(K)]
+    for (s, t), n in pairs.items():
+        c[s][t] = n
+    return ErrorCounts(tuple(map(tuple, c)), (per_class,) * K, threshold)
+
+
+def _reference(models: list[ErrorCounts], arch: str = "cnn") -> ErrorReference:
+    return build_reference([(m, arch, f"m{i}") for i, m in enumerate(models)], "fmnist", {"zoos": ["t"]})
+
+
+def test_counts_only_errors_at_or_above_the_threshold() -> None:
+    # logits in, so softmax probabilities are exactly what we set
+    p = torch.tensor([[0.01, 0.97, 0.01, 0.01],   # class 0 given 1, confident
+                      [0.01, 0.94, 0.04, 0.01],   # class 0 given 1, not confident enough
+                      [0.97, 0.01, 0.01, 0.01],   # class 0 right: never an error
+                      [0.01, 0.01, 0.01, 0.97]])  # class 2 given 3
+    y = torch.tensor([0, 0, 0, 2])
+    c = confident_errors(nn.Identity(), p.log(), y, K, 0.95)
+    assert c.counts[0][1] == 1 and c.counts[2][3] == 1 and sum(map(sum, c.counts)) == 2
+    assert c.totals == (3, 0, 1, 0) and c.threshold == 0.95
+    with pytest.raises(UserInputError, match="in \\(0, 1\\)"):
+        confident_errors(nn.Identity(), p.log(), y, K, 1.0)
+
+
+def test_evidence_is_the_poisson_tail_under_the_reference_rate() -> None:
+    ref = _reference([_counts({(1, 2): 10}), _counts({(1, 2): 14})]).entry("cnn")
+    e = error_evidence(_counts({(1, 2): 12, (0, 3): 5}), ref, prior=0.5)
+    # (1, 2): rate (24 + 0.5) / 2000 per sample, 1000 samples: 12 errors are what the references make
+    assert e[1, 2] < 0.5
+    # (0, 3): the references never make it, rate 0.5 / 2000: five errors are about 1e-9 rare
+    lam = 0.25
+    tail = 1 - sum(math.exp(-lam) * lam ** k / math.factorial(k) for k in range(5))
+    assert e[0, 3] == pytest.approx(-math.log10(tail), rel=1e-6)
+    assert (e.diagonal() == 0).all() and e[2, 1] == 0  # no errors: no evidence
+
+
+def test_verdict_flags_the_pair_the_references_cannot_explain() -> None:
+    ref = _reference([_counts({(1, 2): 10}), _counts({(1, 2): 12})]).entry("cnn")
+    bad = detect_errors(_counts({(1, 2): 11, (0, 3): 12}), ref, ErrorConfig(tau=6.0))
+    assert bad.backdoor and bad.pairs == ((0, 3),) and bad.score == max(bad.class_scores) > 6
+    assert bad.class_scores[3] == bad.score and bad.reference == "cnn (2 clean models)"
+    clean = detect_errors(_counts({(1, 2): 13, (0, 3): 1}), ref, ErrorConfig(tau=6.0))
+    assert not clean.backdoor and clean.pairs == () and clean.score < 6
+    d = bad.to_dict()
+    assert d["pairs"] == [{"source": 0, "target": 3}] and json.dumps(d)
+
+
+def test_reference_round_trip_and_fallbacks(tmp_path: Path) -> None:
+    ref = build_reference([(_counts({(1, 2): 3}), "cnn", "a"), (_counts({(1, 2): 5}), "cnn", "b"),
+                           (_counts({(0, 1): 7}), "lenet", "c")], "fmnist", {"zoos": ["ref"]})
+    assert ref.archs == ("cnn", "lenet") and ref.entry("cnn").counts[1][2] == 8 and ref.entry("cnn").num_models == 2
+    back = ErrorReference.load(ref.save(tmp_path / "r.json"))
+    assert back == ref
+    own, note = ref.for_model("lenet", "fmnist")
+    assert own.arch == "lenet" and note == ""
+    pooled, note = ref.for_model("resnet18", "fmnist")
+    assert pooled.num_models == 3 and pooled.counts[0][1] == 7 and pooled.counts[1][2] == 8
+    assert "no confident-error reference for arch resnet18 on fmnist" in note and "3 clean reference models" in note
+    none, note = ref.for_model("cnn", "cifar10")
+    assert none is None and "no confident-error reference for dataset cifar10" in note
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "soda-calibration/1"}))
+    with pytest.raises(UserInputError, match="not a confident-error reference"):
+        ErrorReference.load(tmp_path / "bad.json")
+    with pytest.raises(UserInputError, match="does not exist"):
+        ErrorReference.load(tmp_path / "missing.json")
+    with pytest.raises(UserInputError, match="different thresholds"):
+        build_reference([(_counts({}), "cnn", "a"), (_counts({}, threshold=0.9), "cnn", "b")], "fmnist")
+
+
+def test_the_shipped_reference_covers_the_default_architectures() -> None:
+    ref = shipped_reference()
+    assert ref.dataset == "fmnist" and {"cnn", "lenet"} <= set(ref.archs)
+    assert all(e.num_models >= 4 and sum(e.totals) >= 10000 * e.num_models for e in ref.entries)
+    assert ref.provenance["zoos"] == ["reference"]
