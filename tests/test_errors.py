@@ -92,3 +92,47 @@ def test_the_shipped_reference_covers_the_default_architectures() -> None:
     assert ref.dataset == "fmnist" and {"cnn", "lenet"} <= set(ref.archs)
     assert all(e.num_models >= 4 and sum(e.totals) >= 10000 * e.num_models for e in ref.entries)
     assert ref.provenance["zoos"] == ["reference"]
+
+
+def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsys) -> None:
+    """`soda zoo reference` from a zoo's clean model; `soda detect --reference` with it, on the
+    reference's arch, on another arch (pooled, with a note) and on another dataset (fallback)."""
+    from helpers import save_cnn
+    from test_model_zoo import _tiny_zoo_files
+
+    from soda_backdoor.cli.main import main
+    from soda_backdoor.zoo import build_zoo, load_zoo_spec, read_manifest
+
+    zoo = tmp_path / "zoo"
+    build_zoo(load_zoo_spec(_tiny_zoo_files(tmp_path)), zoo)  # a patch model and its clean twin
+    ref_path = tmp_path / "ref.json"
+    assert main(["zoo", "reference", str(zoo), "--out", str(ref_path), "--threshold", "0.5", "--quiet"]) == 0
+    assert "lenet: 1 clean model(s)" in capsys.readouterr().out
+    ref = ErrorReference.load(ref_path)
+    assert ref.threshold == 0.5 and ref.archs == ("lenet",) and ref.entries[0].totals == (20,) * 10
+    assert ref.provenance["zoos"] == ["zoo"] and ref.provenance["num_models"] == 1
+
+    data = ["--dataset", "fmnist", "--data-dir", str(tmp_path / "tiny.npz"), "--num-samples", "8", "--device", "cpu",
+            "--quiet", "--json", str(tmp_path / "d.json")]
+    model = next(zoo / r["file"] for r in read_manifest(zoo).values() if r["attack"] == "patch")
+    assert main(["detect", "--model", str(model), "--reference", str(ref_path), *data]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["evidence"] == "errors" and res["errors"]["reference"] == "lenet (1 clean models)"
+    assert res["note"] == "" and res["errors"]["counts"]["threshold"] == 0.5
+    assert res["backdoor"] == bool(res["pairs"]) and "weight_profile" in res
+    assert "confident errors (softmax >= 0.5)" in capsys.readouterr().out
+
+    cnn = save_cnn(tmp_path / "cnn.safetensors")  # an architecture the reference does not have
+    assert main(["detect", "--model", str(cnn), "--reference", str(ref_path), *data]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["evidence"] == "errors" and "no confident-error reference for arch cnn on fmnist" in res["note"]
+    assert "note: no confident-error reference for arch cnn" in capsys.readouterr().out
+
+    other = build_reference([(_counts({}, per_class=5), "cnn", "x")], "cifar10")  # another dataset
+    other.save(tmp_path / "cifar.json")
+    with pytest.warns(UserWarning, match="no confident-error reference for dataset fmnist.*weight profile"):
+        assert main(["detect", "--model", str(cnn), "--reference", str(tmp_path / "cifar.json"), *data]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["evidence"] == "weights" and res["errors"] is None and "weight profile" in res["note"]
+    assert main(["detect", "--model", str(cnn), "--reference", str(tmp_path / "nope.json"), *data]) == 2
+    assert "does not exist" in capsys.readouterr().err
