@@ -140,6 +140,26 @@ def score(rows: list[dict], ref_rows: list[dict], thr: float, prior: float, per_
             "backdoored_scores": sorted(round(m["score"], 2) for m in bad), "models": per_model}
 
 
+def _recipe(r: dict) -> str:
+    train = {k: v for k, v in r["config"]["train"].items() if k != "seed"}
+    return r["arch"] + json.dumps(train, sort_keys=True)
+
+
+def loro(ref_rows: list[dict], thr: float, prior: float, tau: float) -> dict:
+    """Each clean reference model scored against the other reference models of its arch whose
+    recipe differs from its own (both seeds of its recipe left out): a clean model of a recipe
+    the reference has not seen, as a dev-side check of the false-alarm rate."""
+    scores = []
+    for r in ref_rows:
+        others = [(_counts(x["c"], "all", thr), x["arch"], x["key"]) for x in ref_rows
+                  if x["arch"] == r["arch"] and _recipe(x) != _recipe(r)]
+        det = detect_errors(_counts(r["c"], "all", thr), build_reference(others, "fmnist").entry(r["arch"]),
+                            ErrorConfig(prior, tau))
+        scores.append({"key": r["key"], "arch": r["arch"], "score": det.score, "flagged": det.backdoor})
+    return {"scores": sorted(round(x["score"], 2) for x in scores),
+            "flagged": sum(x["flagged"] for x in scores), "models": scores}
+
+
 def choose(args: argparse.Namespace) -> None:
     counts = {r["id"]: r for r in _read(Path(args.counts))}
     dev, test = _rows(args.dev, counts), _rows(args.test, counts)
@@ -176,6 +196,9 @@ def choose(args: argparse.Namespace) -> None:
             print(f"{name:4} {view:11}: AUC {s['auc']:.3f} {s['auc_by_arch']} FPR {s['fpr']:.3f} "
                   f"TPR {s['tpr']:.3f} TPR(right target) {s['tpr_right_target']:.3f} "
                   f"source|target {s['source_given_target']}", file=sys.stderr)
+    out["reference_leave_one_recipe_out"] = loro(ref_rows, thr, prior, tau)
+    print(f"reference models, each against the others of its arch minus its own recipe: "
+          f"{out['reference_leave_one_recipe_out']['scores']}", file=sys.stderr)
     print(f"chosen on dev: {chosen}", file=sys.stderr)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
