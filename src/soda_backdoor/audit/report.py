@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CSV_COLUMNS = ("file", "sha256", "verdict", "pairs", "targets", "max_anomaly", "threshold", "probability",
+CSV_COLUMNS = ("file", "sha256", "verdict", "pairs", "targets", "evidence", "score", "threshold", "max_anomaly",
+               "probability",
                "arch", "detect_seconds", "seconds", "error", "report")
 VERDICT_ORDER = {"backdoor": 0, "error": 1, "clean": 2}
 
@@ -34,7 +35,7 @@ def audit_row(file: str, sha256: str, result: dict[str, Any] | None, error: str,
     """
     row: dict[str, Any] = {"key": sha256, "file": file, "sha256": sha256, "verdict": "error", "pairs": [],
                            "targets": [], "target_scores": [], "anomaly_index": [], "max_anomaly": None,
-                           "threshold": None, "probability": None, "arch": "", "layer": "",
+                           "evidence": "", "score": None, "threshold": None, "probability": None, "arch": "", "layer": "",
                            "seconds": round(seconds, 3), "detect_seconds": None, "data_seconds": None,
                            "repair": None, "error": error, "report": report,
                            "audited_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -43,10 +44,15 @@ def audit_row(file: str, sha256: str, result: dict[str, Any] | None, error: str,
     det = result["detect"]
     tt = det["target_test"]
     ai = _finite(tt["anomaly_index"])
-    row.update(verdict="backdoor" if det["backdoor"] else "clean",
-               pairs=[[p["source"], p["target"]] for p in det["pairs"]], targets=list(tt["flagged"]),
+    err = det.get("errors")  # the confident-error verdict, when it gave the verdict
+    pairs = [[p["source"], p["target"]] for p in det["pairs"]]
+    row.update(verdict="backdoor" if det["backdoor"] else "clean", pairs=pairs,
+               targets=[t for _, t in pairs] if err else list(tt["flagged"]),
+               evidence=det.get("evidence", "weights"),
+               score=err["score"] if err else (max(ai) if ai else None),
+               threshold=err["config"]["tau"] if err else tt["threshold"],
                target_scores=list(tt["scores"]), anomaly_index=list(tt["anomaly_index"]),
-               max_anomaly=max(ai) if ai else None, threshold=tt["threshold"], arch=det.get("arch", ""),
+               max_anomaly=max(ai) if ai else None, arch=det.get("arch", ""),
                layer=det["layer"], detect_seconds=round(det["seconds"], 3),
                probability=(det.get("calibration") or {}).get("probability"),
                data_seconds=round(result["data_seconds"], 3))
@@ -60,7 +66,8 @@ def audit_row(file: str, sha256: str, result: dict[str, Any] | None, error: str,
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flagged models first, then errors, then clean models; most anomalous first within each."""
-    return sorted(rows, key=lambda r: (VERDICT_ORDER.get(r["verdict"], 3), -(r.get("max_anomaly") or 0.0), r["file"]))
+    return sorted(rows, key=lambda r: (VERDICT_ORDER.get(r["verdict"], 3),
+                                       -(r.get("score", r.get("max_anomaly")) or 0.0), r["file"]))
 
 
 def _pairs(row: dict[str, Any]) -> str:
@@ -96,7 +103,7 @@ def rows_html(rows: list[dict[str, Any]], title: str) -> str:
     e = html.escape
     order = sort_rows(rows)
     n = {v: sum(r["verdict"] == v for r in rows) for v in VERDICT_ORDER}
-    head = ["verdict", "file", "pairs (source->target)", "max anomaly", "threshold", "probability", "arch",
+    head = ["verdict", "file", "pairs (source->target)", "score", "threshold", "evidence", "probability", "arch",
             "seconds", "error", "sha256"]
     lines = [f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title>",
              "<style>body{font:14px sans-serif;margin:1.5em}table{border-collapse:collapse}"
@@ -107,11 +114,12 @@ def rows_html(rows: list[dict[str, Any]], title: str) -> str:
              "Click a header to sort.</p>",
              "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in order:
-        mx = r.get("max_anomaly")
+        mx = r.get("score", r.get("max_anomaly"))
         cells = [(str(VERDICT_ORDER.get(r["verdict"], 3)), f"<a href='{e(r['report'])}'>{e(r['verdict'])}</a>"),
                  (None, e(r["file"])), (None, e(_pairs(r).replace(";", ", "))),
                  (None, "" if mx is None else f"{mx:.2f}"),
                  (None, "" if r.get("threshold") is None else f"{r['threshold']:g}"),
+                 (None, e(r.get("evidence") or "")),
                  (None, "" if r.get("probability") is None else f"{r['probability']:.3f}"),
                  (None, e(r.get("arch") or "")), (None, f"{r.get('seconds', 0):.1f}"), (None, e(r.get("error") or "")),
                  (r["sha256"], f"<code>{e(r['sha256'][:16])}</code>")]

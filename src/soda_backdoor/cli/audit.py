@@ -61,7 +61,7 @@ def _cmd_audit(args) -> int:
             return
         what = {"backdoor": "BACKDOOR " + ", ".join(f"{s} -> {t}" for s, t in row["pairs"]),
                 "clean": "clean", "error": f"ERROR: {row['error']}"}[row["verdict"]]
-        mx = f" (max anomaly {row['max_anomaly']:.2f})" if row["max_anomaly"] is not None else ""
+        mx = f" (score {row['score']:.2f}, {row['evidence']})" if row.get("score") is not None else ""
         print(f"[{done}/{total}] {row['file']}: {what}{mx} in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
 
     rep = run_audit(config, progress)
