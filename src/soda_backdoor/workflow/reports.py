@@ -98,7 +98,9 @@ class DetectReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = self.result.to_dict()
-        out["weight_profile"] = {"backdoor": out["backdoor"], "pairs": out["pairs"]}
+        # the weight profile's own verdict; its sources are only sought when it gives the verdict
+        out["weight_profile"] = {"targets": list(self.result.target_test.flagged), "pairs": out["pairs"],
+                                 "sources_sought": self.errors is None}
         out["backdoor"] = self.backdoor
         out["pairs"] = [{"source": s, "target": t} for s, t in self.pairs]
         out["evidence"] = self.evidence
