@@ -16,7 +16,7 @@ prior of ``prior`` errors, so a pair the references never confuse is not infinit
 The pair with the largest evidence is the candidate (source, target); the model is flagged
 when it exceeds ``tau``. The data must be natural held-out data of the dataset, attack or no
 attack (the test split): a subgroup absent from the defender's data leaves no evidence.
-Evidence and limits: docs/detection.md.
+Method: docs/method.md §2.2b; evidence and limits: docs/detection.md.
 
 Example:
     >>> ref = build_reference([(counts, "cnn") for counts in clean_counts], "fmnist", 0.95)
