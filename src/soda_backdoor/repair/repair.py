@@ -51,10 +51,6 @@ class RepairConfig:
             (:func:`~soda_backdoor.analysis.split.deepest_split`; the whole model where no cut
             qualifies); ``None``: every layer. The frozen part runs once per sample instead of
             once per step: as good on the dev zoo and 2x to 4x faster (docs/repair.md).
-        source_away: weight of a term that lowers the target's probability on every sample
-            labelled as the source, clean or reconstructed (``-log(1 - p_target)``): the whole
-            source class pushed away from the target, not only the reconstructed pattern (0:
-            off; research, docs/repair.md).
         seed: seed of shuffling and sampling.
     """
 
@@ -69,13 +65,11 @@ class RepairConfig:
     num_recon: int = 20
     bn_train: bool = False
     tune_from: str | None = "auto"
-    source_away: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_interval("top", self.top, 0.0, 1.0, low_open=True)
         check_at_least("epochs", self.epochs, 1)
-        check_at_least("source_away", self.source_away, 0.0)
         check_finite("lr", self.lr, positive=True)
         check_finite("momentum", self.momentum)
         check_finite("weight_decay", self.weight_decay)
@@ -199,9 +193,6 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
                     # -CE(reconstructed, t) is unbounded below; capped so it cannot blow the weights up.
                     away = F.cross_entropy(logits[-n_recon:], torch.full_like(yb[-n_recon:], target))
                     loss = loss - config.reg * away.clamp(max=config.reg_cap)
-                if config.source_away:
-                    p_t = logits[yb == source].softmax(1)[:, target]
-                    loss = loss - config.source_away * torch.log1p(-p_t.clamp(max=1 - 1e-6)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
