@@ -84,10 +84,11 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                    "(default: the input of the last Linear layer)")
     g.add_argument("--num-samples", type=int, default=256, help="clean samples per class (default 256)")
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per forward pass of the rest of the network")
-    g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets (default 4.5)")
+    g.add_argument("--tau-target", type=float, default=None, help="MAD threshold for targets of the weight profile (default 4.5; "
+                   "the verdict with --evidence weights)")
     g.add_argument("--tau-source", type=float, default=None, help="MAD threshold reported for sources (default 2.0)")
-    g.add_argument("--source-rule", default=None, help="how the source class is chosen: fastest (default), "
-                   "one_way, mean_logit (the study's) or asymmetry; see docs/method.md section 2.3")
+    g.add_argument("--source-rule", default=None, help="with --evidence weights, how the source class is "
+                   "chosen: fastest (default), one_way, mean_logit (the study's) or asymmetry; docs/method.md section 2.3")
     g.add_argument("--effects", default=None, help="save the attribution matrices (.npz) here")
     g.add_argument("--evidence", default=None, choices=["errors", "weights"],
                    help="what the verdict rests on: errors (default: confident errors on the test split against "

@@ -263,6 +263,10 @@ def _cmd_zoo_reference(args) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     ref = build_zoo_reference(args.dirs, threshold, args.jobs, args.device, progress)
     ref.save(args.out)
+    if args.json:
+        from ..utils import write_json
+
+        write_json(args.json, ref.to_dict())
     print(f"confident-error reference on {ref.dataset} at softmax >= {ref.threshold:g}:")
     for e in ref.entries:
         n = sum(map(sum, e.counts))
