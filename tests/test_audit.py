@@ -133,6 +133,8 @@ def test_local_audit_matches_detect_and_isolates_bad_files(fleet, local_audit) -
         assert row["target_scores"] == pytest.approx(ref["target_test"]["scores"], abs=1e-9)
         assert row["anomaly_index"] == pytest.approx(ref["target_test"]["anomaly_index"], abs=1e-9, nan_ok=True)
         assert row["probability"] is None
+        assert row["evidence"] == ref["evidence"] == "errors"  # the shipped reference covers fmnist
+        assert row["score"] == pytest.approx(ref["errors"]["score"]) and row["threshold"] == ref["errors"]["config"]["tau"]
         report = json.loads((local_audit / row["report"]).read_text())
         assert report["detect"]["pairs"] == ref["pairs"] and report["row"]["sha256"] == row["sha256"]
     csv_lines = (local_audit / "audit.csv").read_text().splitlines()
