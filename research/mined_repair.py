@@ -19,20 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from soda_backdoor.artifacts import SampleSet
 from soda_backdoor.data import normalize
-from soda_backdoor.executor import run_tasks
-from soda_backdoor.zoo import read_manifest
-from soda_backdoor.zoo.score import label_rows
+
+from repair_probe import run_probe, summarize, write_record  # the probes' shared runner (research/)
 
 
 def _one(task: dict) -> dict:
@@ -72,37 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    tasks = []
-    for z in args.zoos:
-        root = Path(z)
-        for r in label_rows(list(read_manifest(root).values())):
-            if r["role"] == "backdoored":
-                tasks += [{"row": r, "path": str(root / r["file"]), "threshold": thr, "zoo": root.name}
-                          for thr in args.thresholds]
-    rows = []
-    for o in run_tasks(_one, tasks, args.jobs):
-        if not o.ok:
-            print(f"FAILED {o.task['row']['key']}: {o.error}", file=sys.stderr)
-            continue
-        rows.append({"zoo": o.task["zoo"], **o.result})
-        x = o.result
-        print(f"{o.task['zoo']} {x['arch']} {x['attack']} s{x['seed']} thr {x['threshold']}: mined {x['mined']}, "
-              f"ASR {x['asr_before']:.2f} -> {x['asr_after']:.2f}, ACC loss "
-              f"{(x['acc_before'] - x['acc_after']) * 100:.2f} pt", file=sys.stderr, flush=True)
+    rows = run_probe(args.zoos, [{"threshold": t} for t in args.thresholds], _one, args.jobs,
+                     lambda x: f"thr {x['threshold']}: mined {x['mined']}")
     summary = {}
     for z in sorted({r["zoo"] for r in rows}):
         for thr in args.thresholds:
             mine = [r for r in rows if r["zoo"] == z and r["threshold"] == thr]
-            loss = [(r["acc_before"] - r["acc_after"]) * 100 for r in mine]
-            summary[f"{z}@{thr}"] = {"n": len(mine), "asr_ok": sum(r["asr_after"] <= 0.10 for r in mine),
-                                    "median_asr": statistics.median(r["asr_after"] for r in mine),
-                                    "median_loss": statistics.median(loss), "max_loss": max(loss),
-                                    "median_mined": statistics.median(r["mined"] for r in mine)}
-            print(f"{z} mining at {thr}: {summary[f'{z}@{thr}']}")
-    if args.json:
-        meta = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-                "torch": torch.__version__, "threads": 1, "machine": platform.machine(), "config": vars(args)}
-        Path(args.json).write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+            summary[f"{z}@{thr}"] = {**summarize(mine), "median_mined": statistics.median(r["mined"] for r in mine)}
+    write_record(args.json, args, summary, rows)
 
 
 if __name__ == "__main__":

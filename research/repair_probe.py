@@ -86,6 +86,46 @@ def _one(task: dict) -> dict:
             "asr_after": rep.after.asr, "rasr_after": rep.rasr_after, "seconds": rep.seconds}
 
 
+def run_probe(zoos: list[str], variants: list[dict], fn, jobs: int, describe) -> list[dict]:
+    """``fn(task)`` on every working backdoor of ``zoos`` once per variant (merged into the task);
+    each result, with its zoo, is printed (``describe(result)``) as it finishes and returned."""
+    tasks = []
+    for z in zoos:
+        root = Path(z)
+        for r in label_rows(list(read_manifest(root).values())):
+            if r["role"] == "backdoored":
+                tasks += [{"row": r, "path": str(root / r["file"]), "zoo": root.name, **v} for v in variants]
+    rows = []
+    for o in run_tasks(fn, tasks, jobs):
+        if not o.ok:
+            print(f"FAILED {o.task['row']['key']}: {o.error}", file=sys.stderr)
+            continue
+        x = {"zoo": o.task["zoo"], **o.result}
+        rows.append(x)
+        print(f"{x['zoo']} {x['arch']} {x['attack']} s{x['seed']} {describe(x)}: ASR {x['asr_before']:.2f} -> "
+              f"{x['asr_after']:.2f}, ACC loss {(x['acc_before'] - x['acc_after']) * 100:.2f} pt",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Backdoors at ASR <= 0.10, median ASR after, median and max accuracy loss (points)."""
+    loss = [(r["acc_before"] - r["acc_after"]) * 100 for r in rows]
+    return {"n": len(rows), "asr_ok": sum(r["asr_after"] <= 0.10 for r in rows),
+            "median_asr": statistics.median(r["asr_after"] for r in rows), "median_loss": statistics.median(loss),
+            "max_loss": max(loss)}
+
+
+def write_record(path: str | None, args: argparse.Namespace, summary: dict, rows: list[dict]) -> None:
+    """The JSON record: commit, torch, threads, machine, the arguments, the summary and every row."""
+    for k, v in summary.items():
+        print(k, v)
+    if path:
+        meta = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                "torch": torch.__version__, "threads": 1, "machine": platform.machine(), "config": vars(args)}
+        Path(path).write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("zoos", nargs="+")
@@ -94,38 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    tasks = []
-    for z in args.zoos:
-        root = Path(z)
-        for r in label_rows(list(read_manifest(root).values())):
-            if r["role"] == "backdoored":
-                tasks += [{"row": r, "path": str(root / r["file"]), "keep": k, "jitter": args.jitter,
-                           "zoo": root.name} for k in args.recon_keep]
-    rows = []
-    for o in run_tasks(_one, tasks, args.jobs):
-        if not o.ok:
-            print(f"FAILED {o.task['row']['key']}: {o.error}", file=sys.stderr)
-            continue
-        x = {"zoo": o.task["zoo"], **o.result}
-        rows.append(x)
-        print(f"{x['zoo']} {x['arch']} {x['attack']} s{x['seed']} keep {x['keep']} jitter {x['jitter']}: "
-              f"{x['n_repair']} repair samples, ASR {x['asr_before']:.2f} -> {x['asr_after']:.2f}, ACC loss "
-              f"{(x['acc_before'] - x['acc_after']) * 100:.2f} pt, {x['seconds']:.1f}s", file=sys.stderr, flush=True)
+    rows = run_probe(args.zoos, [{"keep": k, "jitter": args.jitter} for k in args.recon_keep], _one, args.jobs,
+                     lambda x: f"keep {x['keep']} jitter {x['jitter']}, {x['n_repair']} repair samples, "
+                               f"{x['seconds']:.1f}s")
     summary = {}
     for z in sorted({r["zoo"] for r in rows}):
         for k in args.recon_keep:
             mine = [r for r in rows if r["zoo"] == z and r["keep"] == k]
-            loss = [(r["acc_before"] - r["acc_after"]) * 100 for r in mine]
             summary[f"{z}/keep{k}/jitter{int(args.jitter)}"] = {
-                "n": len(mine), "asr_ok": sum(r["asr_after"] <= 0.10 for r in mine),
-                "median_asr": statistics.median(r["asr_after"] for r in mine), "median_loss": statistics.median(loss),
-                "max_loss": max(loss), "median_seconds": statistics.median(r["seconds"] for r in mine)}
-    for k, v in summary.items():
-        print(k, v)
-    if args.json:
-        meta = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-                "torch": torch.__version__, "threads": 1, "machine": platform.machine(), "config": vars(args)}
-        Path(args.json).write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+                **summarize(mine), "median_seconds": statistics.median(r["seconds"] for r in mine)}
+    write_record(args.json, args, summary, rows)
 
 
 if __name__ == "__main__":

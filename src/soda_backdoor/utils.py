@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,3 +138,15 @@ def cpu_channels_last(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         for p, data in zip(params, saved):
             data.copy_(p.data)
             p.data = data
+
+
+def source_commit() -> str:
+    """The git commit of this package's source (``-dirty`` with uncommitted changes), or ``""``."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        return commit + ("-dirty" if commit and run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""

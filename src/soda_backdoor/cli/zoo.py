@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -194,18 +193,6 @@ def _cmd_zoo_score(args) -> int:
     return 0
 
 
-def _source_commit() -> str:
-    """The git commit of this package's source (``-dirty`` with uncommitted changes), or ``""``."""
-    here = str(Path(__file__).resolve().parent)
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10).stdout.strip()
-        commit = run("rev-parse", "HEAD")
-        return commit + ("-dirty" if commit and run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _zoo_spec(root: Path, keys: list[str]) -> dict[str, str]:
     """The zoo's name and spec path (from DIR/spec.json) and a hash of its model keys."""
     spec = {}
@@ -221,6 +208,8 @@ def _zoo_spec(root: Path, keys: list[str]) -> dict[str, str]:
 def _cmd_zoo_calibrate(args) -> int:
     import torch
 
+    from ..utils import source_commit
+
     from ..artifacts import save_calibration
     from ..detection import fit_calibration
     from ..errors import UserInputError
@@ -233,7 +222,7 @@ def _cmd_zoo_calibrate(args) -> int:
                           pooled=args.pooled, zoo=str(args.dir),
                           zoo_spec=_zoo_spec(Path(args.dir), [r["key"] for r in score.rows]),
                           detector_settings=key, settings=score.config, torch=torch.__version__,
-                          commit=_source_commit())
+                          commit=source_commit())
     save_calibration(args.out, cal)
     if args.json:
         write_json(args.json, cal.to_dict())

@@ -30,10 +30,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -211,6 +213,7 @@ class ErrorReference:
         return cls.from_dict(d, str(path))
 
 
+@lru_cache(maxsize=1)
 def shipped_reference() -> ErrorReference:
     """The reference that ships with the package (Fashion-MNIST, ``cnn`` and ``lenet``; docs/detection.md)."""
     text = resources.files("soda_backdoor.detection").joinpath(SHIPPED).read_text()
@@ -242,30 +245,22 @@ def build_reference(models: Sequence[tuple[ErrorCounts, str, str]], dataset: str
     return ErrorReference(dataset, thresholds.pop(), tuple(entries), provenance or {})
 
 
-def _poisson_sf_log10(n: int, lam: float) -> float:
-    """``-log10 P(X >= n)`` for ``X ~ Poisson(lam)`` (0 for n <= 0)."""
-    if n <= 0:
-        return 0.0
-    from scipy.stats import poisson
-
-    return float(-poisson.logsf(n - 1, lam) / math.log(10))
-
-
 def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float) -> Tensor:
     """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's Poisson null (module docstring).
 
-    The diagonal is 0.
+    0 on the diagonal and for a pair without errors.
     """
+    from scipy.stats import poisson
+
     k = counts.num_classes
     if len(reference.totals) != k:
         raise UserInputError(f"the reference has {len(reference.totals)} classes, the model {k}")
-    e = torch.zeros(k, k, dtype=torch.double)
-    for s in range(k):
-        for t in range(k):
-            if s != t and counts.totals[s] > 0:
-                rate = (reference.counts[s][t] + prior) / max(reference.totals[s], 1)
-                e[s, t] = _poisson_sf_log10(counts.counts[s][t], rate * counts.totals[s])
-    return e
+    n = np.asarray(counts.counts, dtype=np.float64)
+    rate = (np.asarray(reference.counts, dtype=np.float64) + prior) / np.maximum(reference.totals, 1)[:, None]
+    lam = rate * np.asarray(counts.totals, dtype=np.float64)[:, None]
+    e = np.where(n > 0, -poisson.logsf(n - 1, lam) / math.log(10), 0.0)
+    np.fill_diagonal(e, 0.0)
+    return torch.from_numpy(e)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from ..detection.calibration import canonical_arch
 from ..detection.errors import DEFAULT_THRESHOLD, ErrorCounts, ErrorReference, build_reference, check_threshold
 from ..errors import UserInputError
 from ..executor import run_tasks
+from ..utils import source_commit
 from .build import read_manifest
 
 
@@ -38,15 +38,6 @@ def _count_task(task: dict[str, Any]) -> dict[str, Any]:
     x = normalize(ctx.data.x_test.to(device), loaded.meta.mean, loaded.meta.std)
     c = confident_errors(loaded.module, x, ctx.data.y_test, ctx.data.num_classes, task["threshold"])
     return {"counts": c.counts, "totals": c.totals, "seconds": time.perf_counter() - start}
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_THRESHOLD, jobs: int = 1,
@@ -90,7 +81,7 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
 
     provenance = {"zoos": sorted({r["zoo"] for r in rows}), "num_models": len(rows),
                   "models_hash": hashlib.sha256(json.dumps([t["key"] for t, _ in done]).encode()).hexdigest()[:16],
-                  "commit": _commit(), "torch": torch.__version__, "machine": platform.machine()}
+                  "commit": source_commit(), "torch": torch.__version__, "machine": platform.machine()}
     return build_reference([(ErrorCounts(tuple(map(tuple, r["counts"])), tuple(r["totals"]), threshold),
                              canonical_arch(t["arch"]),
                              f"{t['zoo']}/{t['key']}") for t, r in done], datasets[0], provenance)
