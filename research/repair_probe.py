@@ -5,7 +5,7 @@ The repair's failures on the zoos are subgroups defined by darkness or size (doc
 R-ASR falls to 0 while the real samples keep going to the target. Two generic levers, neither
 knowing the attack:
 
-- ``--recon-keep N``: reconstruct N samples instead of 50 (more of the source class's variety);
+- ``--recon-keep N``: reconstruct N samples instead of the default 100 (half are used);
 - ``--jitter``: add to the repair samples copies of each reconstructed sample with its pixel
   intensities scaled by 0.6, 0.8 and 1.25 and its content zoomed by 0.8 and 1.2 (about the
   centre), so that the unlearning covers nearby brightness and size.
@@ -13,7 +13,7 @@ knowing the attack:
 Same protocol as ``soda zoo repair --given-pair`` (defaults otherwise); ASR on the attack's
 semantic test samples, ACC on the clean test split.
 
-Usage: python research/repair_probe.py zoos/dev [--recon-keep 50 200] [--jitter] [--json OUT]
+Usage: python research/repair_probe.py zoos/dev [--recon-keep 50 100 200] [--jitter] [--json OUT]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def write_record(path: str | None, args: argparse.Namespace, summary: dict, rows
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("zoos", nargs="+")
-    ap.add_argument("--recon-keep", type=int, nargs="+", default=[50])
+    ap.add_argument("--recon-keep", type=int, nargs="+", default=[100])
     ap.add_argument("--jitter", action="store_true")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", default=None)
