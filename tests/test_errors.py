@@ -54,6 +54,25 @@ def test_evidence_is_the_poisson_tail_under_the_reference_rate() -> None:
     assert (e.diagonal() == 0).all() and e[2, 1] == 0  # no errors: no evidence
 
 
+def test_a_model_confident_everywhere_raises_its_null_but_not_its_backdoors() -> None:
+    ref = _reference([_counts({(0, 1): 10, (1, 2): 10, (2, 3): 10, (3, 0): 10})] * 2).entry("cnn")
+    base = {(0, 1): 10, (1, 2): 10, (2, 3): 10, (3, 0): 10}
+    twice = {p: 2 * n for p, n in base.items()}
+    # twice the reference's errors on every pair: the plain null calls each pair rare, the
+    # factor (about 2, from the errors into the other classes) explains them
+    plain = error_evidence(_counts(twice), ref, prior=0.5)
+    scaled = error_evidence(_counts(twice), ref, prior=0.5, exposure=0.0)
+    assert plain.max() > 2 and scaled.max() < 0.5
+    # a backdoor into class 3 does not raise the factor of target 3: its pair keeps its evidence
+    bd = dict(base) | {(0, 3): 25}
+    assert error_evidence(_counts(bd), ref, 0.5, 0.0)[0, 3] == pytest.approx(error_evidence(_counts(bd), ref, 0.5)[0, 3])
+    # a model less confident than the references is not made more suspicious (k >= 1)
+    half = {p: n // 2 for p, n in base.items()} | {(0, 3): 6}
+    assert error_evidence(_counts(half), ref, 0.5, 0.0)[0, 3] == pytest.approx(error_evidence(_counts(half), ref, 0.5)[0, 3])
+    with pytest.raises(UserInputError, match="exposure"):
+        ErrorConfig(exposure=-1.0)
+
+
 def test_verdict_flags_the_pair_the_references_cannot_explain() -> None:
     ref = _reference([_counts({(1, 2): 10}), _counts({(1, 2): 12})]).entry("cnn")
     bad = detect_errors(_counts({(1, 2): 11, (0, 3): 12}), ref, ErrorConfig(tau=6.0))
@@ -91,7 +110,7 @@ def test_the_shipped_reference_covers_the_default_architectures() -> None:
     ref = shipped_reference()
     assert ref.dataset == "fmnist" and {"cnn", "lenet"} <= set(ref.archs)
     assert all(e.num_models >= 4 and sum(e.totals) >= 10000 * e.num_models for e in ref.entries)
-    assert ref.provenance["zoos"] == ["reference"]
+    assert ref.provenance["zoos"] == ["reference", "reference_flip"] and ref.threshold == 0.95
 
 
 def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsys) -> None:

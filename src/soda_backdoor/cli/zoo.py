@@ -75,7 +75,7 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     f.add_argument("dirs", nargs="+", help="folders written by `soda zoo build` (one dataset)")
     f.add_argument("--out", required=True, help="the reference (JSON), for `soda detect --reference`")
     f.add_argument("--threshold", type=float, default=None, help="confidence from which an error counts "
-                   "(default 0.9)")
+                   "(default 0.95)")
     f.add_argument("--jobs", type=int, default=1, help="models at once, one thread each (default 1)")
     common(f, data=False)
     f.set_defaults(func=_cmd_zoo_reference)

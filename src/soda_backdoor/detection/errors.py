@@ -11,7 +11,15 @@ own clean reference models of the same architecture and dataset show. For every 
 with a Poisson null whose rate is the reference models' pooled rate for that pair (plus a
 prior of ``prior`` errors, so a pair the references never confuse is not infinitely rare):
 
-    E[s, t] = -log10 P(X >= n[s, t]),   X ~ Poisson(N_s * (sum_ref n[s, t] + prior) / sum_ref N_s).
+    E[s, t] = -log10 P(X >= n[s, t]),   X ~ Poisson(k_t * N_s * (sum_ref n[s, t] + prior) / sum_ref N_s).
+
+``k_t >= 1`` allows for a model that is more confident everywhere than the references (long
+training without augmentation): its confident errors into every class *but* ``t``, against
+what the reference expects of them, with ``exposure`` pseudo-errors on both sides,
+
+    k_t = max(1, (sum_{t' != t} n + exposure) / (sum_{t' != t} lambda + exposure)).
+
+A backdoor adds errors into its own target, so it does not raise its own null.
 
 The pair with the largest evidence is the candidate (source, target); the model is flagged
 when it exceeds ``tau``. The data must be natural held-out data of the dataset, attack or no
@@ -46,25 +54,34 @@ FORMAT = "soda-error-reference/1"
 SHIPPED = "error_reference.json"
 
 
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_THRESHOLD = 0.95
 
 
 @dataclass(frozen=True)
 class ErrorConfig:
     """Settings of the confident-error verdict (the counting threshold is the reference's).
 
+    Defaults chosen on the dev zoo (docs/detection.md, ``research/error_null_variants.py``).
+
     Attributes:
         prior: errors added to every pair of the reference (a pair never confused by the
             references gets rate ``prior / N``, not 0).
         tau: evidence (-log10 p) above which a pair is flagged.
+        exposure: pseudo-errors of the model-level factor ``k_t`` (module docstring);
+            ``None``: no factor, the reference's rates as they are.
     """
 
-    prior: float = 2.0
-    tau: float = 2.35
+    prior: float = 0.5
+    tau: float = 2.45
+    exposure: float | None = 20.0
 
     def __post_init__(self) -> None:
         check_finite("prior", self.prior, positive=True)
         check_finite("tau", self.tau)
+        if self.exposure is not None:
+            check_finite("exposure", self.exposure)
+            if self.exposure < 0:
+                raise UserInputError(f"exposure must be >= 0, got {self.exposure}")
 
 
 def check_threshold(threshold: float) -> None:
@@ -245,8 +262,10 @@ def build_reference(models: Sequence[tuple[ErrorCounts, str, str]], dataset: str
     return ErrorReference(dataset, thresholds.pop(), tuple(entries), provenance or {})
 
 
-def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float) -> Tensor:
-    """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's Poisson null (module docstring).
+def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
+                   exposure: float | None = None) -> Tensor:
+    """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's Poisson null (module docstring),
+    scaled per target by the model's confidence factor ``k_t`` when ``exposure`` is set.
 
     0 on the diagonal and for a pair without errors.
     """
@@ -258,9 +277,20 @@ def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float)
     n = np.asarray(counts.counts, dtype=np.float64)
     rate = (np.asarray(reference.counts, dtype=np.float64) + prior) / np.maximum(reference.totals, 1)[:, None]
     lam = rate * np.asarray(counts.totals, dtype=np.float64)[:, None]
+    if exposure is not None:
+        lam = lam * exposure_factors(n, lam, exposure)[None, :]
     e = np.where(n > 0, -poisson.logsf(n - 1, lam) / math.log(10), 0.0)
     np.fill_diagonal(e, 0.0)
     return torch.from_numpy(e)
+
+
+def exposure_factors(n: np.ndarray, lam: np.ndarray, exposure: float) -> np.ndarray:
+    """``k_t`` for every target ``t``: the model's confident errors into the other classes over
+    the reference's expectation of them, with ``exposure`` pseudo-errors, at least 1."""
+    off = ~np.eye(len(n), dtype=bool)
+    n_off, lam_off = np.where(off, n, 0.0), np.where(off, lam, 0.0)
+    k = (n_off.sum() - n_off.sum(0) + exposure) / (lam_off.sum() - lam_off.sum(0) + exposure)
+    return np.maximum(k, 1.0)
 
 
 @dataclass(frozen=True)
@@ -299,7 +329,7 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
                   note: str = "") -> ErrorDetection:
     """Flag the pairs whose confident errors the reference cannot explain (module docstring)."""
     config = config or ErrorConfig()
-    e = error_evidence(counts, reference, config.prior)
+    e = error_evidence(counts, reference, config.prior, config.exposure)
     per_target = e.max(0)
     order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
     pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)
