@@ -5,6 +5,7 @@ and `soda detect --calibration` with a covered and an uncovered architecture."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,12 +198,23 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
     # without --calibration the report says so plainly
     assert main(argv) == 0
     assert json.loads((tmp_path / "d.json").read_text())["calibration"] is None
-    # a calibration fitted at other attribution settings still applies, with a warning
-    cal = fit_calibration(_rows({"lenet": (5, 5)}), "soda", settings={"layer": None, "detector_config": {
-        "attribution": {"num_samples": 256}, "evidence": "errors"}})
-    save_calibration(tmp_path / "c.json", cal)
-    with pytest.warns(UserWarning, match="may not apply"):
-        assert main([*argv, "--calibration", str(tmp_path / "c.json")]) == 0
+    # a calibration fitted on confident-error scores of other settings or another reference
+    # still applies, with a warning; one of these settings and reference, without
+    from dataclasses import asdict
+
+    from soda_backdoor.detection.errors import ErrorConfig, shipped_reference
+
+    ref_hash = shipped_reference().provenance["models_hash"]
+    for errors, ref, warns in ((asdict(ErrorConfig(tau=9.0)), ref_hash, True), (asdict(ErrorConfig()), "other", True),
+                               (asdict(ErrorConfig()), ref_hash, False)):
+        cal = fit_calibration(_rows({"lenet": (5, 5)}), "soda", settings={"layer": None, "detector_config": {
+            "attribution": {"num_samples": 256}, "evidence": "errors", "errors": errors},
+            "reference": {"models_hash": ref}})
+        save_calibration(tmp_path / "c.json", cal)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main([*argv, "--calibration", str(tmp_path / "c.json")]) == 0
+        assert any("confident-error scores" in str(w.message) for w in caught) == warns
     # a calibration of the other evidence's scores is refused: its scale is another
     cal = fit_calibration(_rows({"lenet": (5, 5)}), "soda", settings={"layer": None, "detector_config": {
         "attribution": {"num_samples": 8}, "evidence": "weights"}})

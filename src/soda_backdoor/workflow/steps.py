@@ -93,7 +93,7 @@ def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None 
     """
     config = config or DetectionConfig()
     if calibration is not None:
-        _check_calibration(calibration, config, layer)
+        _check_calibration(calibration, config, layer, reference)
     t0 = time.perf_counter()
     seed_everything(seed)
     errors, note = None, ""
@@ -129,8 +129,11 @@ def confident_error_verdict(model: LoadedModel, ctx: DataContext, config: ErrorC
     return detect_errors(counts, entry, config, note), note
 
 
-def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None) -> None:
-    """A soda calibration; a warning when it was fitted on scores of another layer or attribution."""
+def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None,
+                       reference: ErrorReference | None = None) -> None:
+    """A soda calibration of this evidence; a warning when it was fitted on scores of other
+    settings (the confident-error settings and reference, or the weight profile's layer and
+    attribution)."""
     if calibration.detector != "soda":
         raise UserInputError(f"the calibration maps the scores of detector {calibration.detector}, not soda's; "
                              "fit one with `soda zoo calibrate DIR --detector soda`")
@@ -142,6 +145,17 @@ def _check_calibration(calibration: Calibration, config: DetectionConfig, layer:
         raise UserInputError(f"the calibration maps scores of the {evidence} evidence, this detection's verdict "
                              f"uses {config.evidence}; fit one on scores of this setting (`soda zoo calibrate`) "
                              f"or pass --evidence {evidence}")
+    if evidence == "errors":
+        ref = reference or shipped_reference()
+        mine = json.loads(json.dumps({"errors": asdict(config.errors), "reference": ref.provenance.get("models_hash")}))
+        theirs = {"errors": (fitted.get("detector_config") or {}).get("errors"),
+                  "reference": (fitted.get("reference") or {}).get("models_hash")}
+        if mine != theirs:
+            warnings.warn(f"the calibration was fitted on confident-error scores with settings {theirs['errors']} "
+                          f"and reference {theirs['reference']}; this detection uses {mine['errors']} and reference "
+                          f"{mine['reference']}, so its probabilities may not apply; fit one again with "
+                          f"`soda zoo calibrate`", stacklevel=3)
+        return
     mine = json.loads(json.dumps({"layer": layer, "attribution": asdict(config.attribution)}))
     theirs = {"layer": fitted.get("layer"), "attribution": (fitted.get("detector_config") or {}).get("attribution")}
     if mine != theirs:
