@@ -1,23 +1,26 @@
 """Which null for the confident-error evidence holds on clean models of unseen recipes?
 
-The shipped null (`soda_backdoor.detection.errors`) is Poisson with the reference's pooled
-rate per pair. Its false alarms on held-out zoos were clean models that are confident
-everywhere (long training, no augmentation): every pair's count is higher, and the most
-confused pair (T-shirt -> shirt) crosses tau. Two nulls that allow for that, both from one
-idea (clean models differ by a model-level factor on all their confident errors):
+The null of the first confident-error detector (stop 16: `zoo/reference.toml`, softmax 0.9,
+prior 2, tau 2.35) is Poisson with the reference's pooled rate per pair. Its false alarms on
+held-out zoos were clean models that are confident everywhere (long training, no
+augmentation): every pair's count is higher, and the most confused pair (T-shirt -> shirt)
+crosses tau. Nulls that allow for that:
 
-- ``exposure``: the factor is estimated on the model itself, from its confident errors into
-  every class but the candidate target: ``k_t = (sum_{t' != t} n + a) / (sum_{t' != t} lam + a)``,
+- ``exposure``: a model-level factor estimated on the model itself, from its confident errors
+  into every class but the candidate target: ``k_t = (sum_{t' != t} n + a) / (sum_{t' != t} lam + a)``,
   and the null rate of ``(s, t)`` is ``lam[s, t] * max(k_t, 1)`` (``floor``) or ``* k_t``.
   A backdoor adds errors into one target; it does not raise its own null.
-- ``nb``: the factor is left random, gamma-distributed over clean models: the null is negative
-  binomial with the reference's mean and one overdispersion ``phi`` per architecture,
-  estimated from the spread of the reference models' per-pair counts (method of moments).
+- ``nb``: the factor left random, gamma-distributed over clean models: a negative binomial
+  null with the reference's mean and one overdispersion ``phi`` per architecture, estimated
+  from the spread of the reference models' per-pair counts (method of moments).
+- ``oneway``: given the errors between s and t either way, too many s -> t (a binomial test
+  against the reference's share); it cancels any factor of the pair. ``poisson_and_oneway``:
+  the smaller of the two evidences.
 
-Every variant x reference (the shipped `zoo/reference.toml` models, or with the 16 models of
+Every variant x reference (the `zoo/reference.toml` models, or with the 16 models of
 `zoo/reference_flip.toml` added) x threshold x prior is scored on dev; the choice uses dev
 and the reference models alone (each scored against the others minus its own recipe: clean
-models of an unseen recipe). Then the chosen one, and the shipped one for comparison, are
+models of an unseen recipe). Then the chosen one (now the default), and the previous one for comparison, are
 reported on the other zoos, which played no part.
 
 Usage (counts from `research/error_detector.py count`):
@@ -40,7 +43,7 @@ from scipy.stats import binom, nbinom, poisson
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from error_detector import _meta, _read, _recipe, _rows  # noqa: E402
+from error_detector import VIEWS, _meta, _read, _recipe, _rows  # noqa: E402
 
 THRESHOLDS = (0.9, 0.95, 0.99)
 PRIORS = (0.5, 2.0)
@@ -49,8 +52,8 @@ PSEUDO = (0.0, 5.0, 20.0)  # a of the exposure factor (ignored by the others)
 LOG10 = math.log(10)
 
 
-def _arr(row: dict, thr: float) -> tuple[np.ndarray, np.ndarray]:
-    d = row["c"][f"all@{thr}"]
+def _arr(row: dict, thr: float, view: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    d = row["c"][f"{view}@{thr}"]
     return np.asarray(d["counts"], float), np.asarray(d["totals"], float)
 
 
@@ -100,10 +103,12 @@ def _nulls(ref_rows: list[dict], thr: float, prior: float, kind: str, pseudo: fl
             for a in sorted({r["arch"] for r in ref_rows})}
 
 
-def score(rows: list[dict], nulls: dict[str, Null], thr: float) -> dict:
+def score(rows: list[dict], nulls: dict[str, Null], thr: float, view: str = "all") -> dict:
+    """Every model of ``rows`` against its arch's null, on the defender's data ``view``
+    (``all`` the test split, ``half`` every other sample, ``no_subgroup`` minus the attack's own)."""
     models = []
     for r in rows:
-        n, tot = _arr(r, thr)
+        n, tot = _arr(r, thr, view)
         e = nulls[r["arch"]].evidence(n, tot)
         top = divmod(int(e.argmax()), e.shape[0])
         bad = r["role"] == "backdoored"
@@ -190,26 +195,28 @@ def main(argv: list[str] | None = None) -> None:
     best = max(grid, key=lambda g: (round(g["dev_auc"], 6), round(g["dev_top_pair_target"] * g["dev_source_given_target"], 6),
                                     -round(g["loro_flagged"] / g["loro_models"], 6), g["dev_gap"]))
     chosen = {k: best[k] for k in ("reference", "threshold", "prior", "null", "pseudo", "tau")}
-    shipped = {"reference": "reference", "threshold": 0.9, "prior": 2.0, "null": "poisson", "pseudo": 0.0, "tau": 2.35}
+    previous = {"reference": "reference", "threshold": 0.9, "prior": 2.0, "null": "poisson", "pseudo": 0.0, "tau": 2.35}
     print(f"chosen on dev: {chosen}", file=sys.stderr)
     out = {"config": {"thresholds": THRESHOLDS, "priors": PRIORS, "nulls": NULLS, "pseudo": PSEUDO,
                       "rule": "tau in the middle of the dev gap; best dev AUC, then the right pair on dev, then "
                               "the smallest share of reference models flagged when scored against the others minus "
                               "their own recipe, then the widest dev gap",
                       "dev": args.dev, "reference": args.reference, "extra_reference": args.extra_reference},
-           **_meta(), "grid": grid, "chosen": chosen, "shipped": shipped, "results": {}}
-    for name, setting in (("chosen", chosen), ("shipped", shipped)):
+           **_meta(), "grid": grid, "chosen": chosen, "previous": previous, "results": {}}
+    for name, setting in (("chosen", chosen), ("previous", previous)):
         ref_rows = refs[setting["reference"]]
         nulls = _nulls(ref_rows, setting["threshold"], setting["prior"], setting["null"], setting["pseudo"])
         for zoo in [args.dev, *args.report]:
             if not (Path(zoo) / "manifest.jsonl").exists():
                 continue
             rows = _rows(zoo, counts)
-            s = summary(score(rows, nulls, setting["threshold"]), setting["tau"])
-            out["results"][f"{name}/{Path(zoo).name}"] = s
-            print(f"{name:8} {Path(zoo).name:9}: AUC {s.get('auc', float('nan')):.3f} FPR {s['fpr']} TPR(right t) "
-                  f"{s.get('tpr_right_target')} source|t {s.get('source_given_target')} flagged clean "
-                  f"{s['clean_flagged']} missed {s['missed']}", file=sys.stderr)
+            for view in VIEWS:
+                s = summary(score(rows, nulls, setting["threshold"], view), setting["tau"])
+                out["results"][f"{name}/{Path(zoo).name}/{view}"] = s
+                print(f"{name:8} {Path(zoo).name:9} {view:11}: AUC {s.get('auc', float('nan')):.3f} FPR {s['fpr']} "
+                      f"TPR(right t) {s.get('tpr_right_target')} source|t {s.get('source_given_target')}"
+                      + (f" flagged clean {s['clean_flagged']} missed {s['missed']}" if view == "all" else ""),
+                      file=sys.stderr)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 

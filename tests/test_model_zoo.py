@@ -128,12 +128,14 @@ def _row(key, attack, acc, asr=0.0, twin=""):
 
 def test_twin_rule() -> None:
     rows = label_rows([_row("c", "none", 0.90), _row("ok", "a", 0.885, 0.6, "c"), _row("weak", "a", 0.90, 0.4, "c"),
-                       _row("worse", "a", 0.87, 0.9, "c"), _row("orphan", "a", 0.9, 0.9, "x")])
+                       _row("worse", "a", 0.87, 0.9, "c"), _row("orphan", "a", 0.9, 0.9, "x"),
+                       _row("diverged", "none", 0.10)])
     roles = {r["key"]: (r["role"], r["reason"]) for r in rows}
     assert roles["c"] == ("clean", "") and roles["ok"] == ("backdoored", "")
     assert roles["weak"][0] == "excluded" and "ASR 0.40" in roles["weak"][1]
     assert roles["worse"][0] == "excluded" and "2 points" in roles["worse"][1]
     assert roles["orphan"][0] == "excluded" and "twin" in roles["orphan"][1]
+    assert roles["diverged"] == ("excluded", "training failed: accuracy 0.1000 < 0.5")
 
 
 def test_zoo_repair_runs_each_method_and_resumes(tmp_path: Path, capsys) -> None:

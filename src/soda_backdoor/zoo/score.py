@@ -30,20 +30,25 @@ logger = logging.getLogger(__name__)
 
 MIN_ASR = 0.5
 MAX_ACC_DROP = 0.02
+MIN_ACC = 0.5  # below it, a training failed (a diverged model answers one class: 0.10 on 10 classes)
 
 
 def label_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Give each manifest row a ``role``: ``clean``, ``backdoored`` or ``excluded`` (with a reason).
 
     A backdoored model counts only if its backdoor works (ASR >= 0.5) and its clean accuracy
-    is within 2 points of its clean twin's.
+    is within 2 points of its clean twin's. A clean model counts only if its training worked
+    (accuracy >= 0.5): a diverged model is no evidence of what clean models do.
     """
     by_key = {r["key"]: r for r in rows}
     out = []
     for r in rows:
         r = dict(r)
         if r["attack"] == "none":
-            r["role"], r["reason"] = "clean", ""
+            if r["acc"] < MIN_ACC:
+                r["role"], r["reason"] = "excluded", f"training failed: accuracy {r['acc']:.4f} < {MIN_ACC}"
+            else:
+                r["role"], r["reason"] = "clean", ""
         else:
             twin = by_key.get(r.get("twin", ""))
             if twin is None:
