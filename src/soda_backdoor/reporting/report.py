@@ -169,7 +169,10 @@ def render_report(run_dir: str | Path) -> Path:
             rows, ["target", "from source", "errors", "evidence (-log10 p)", ""]) +
             f"<p>Test samples of each class that the model gives another class with softmax &gt;= "
             f"{err['counts']['threshold']:g}, against the clean reference models {html.escape(err['reference'])} "
-            f"(Poisson null, prior {err['config']['prior']:g}); docs/detection.md.</p>")
+            f"(Poisson null, prior {err['config']['prior']:g}"
+            + (f", scaled by the model's confidence factor ({err['config']['exposure']:g} pseudo-errors)"
+               if err["config"].get("exposure") is not None else "")
+            + "); docs/detection.md.</p>")
     if det:
         tt = det["target_test"]
         sections.append(("<h2>Weight profile (for context)</h2>" if err else "<h2>Detection scores</h2>") + _table(
