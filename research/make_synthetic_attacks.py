@@ -49,9 +49,16 @@ def statistic(img: torch.Tensor, stat: str) -> torch.Tensor:
         return diff.flatten(1).sum(1) / area
     if stat == "small":
         return -area
+    if stat == "large":
+        return area
+    if stat == "smooth":
+        diff = (img[:, 1:, :] - img[:, :-1, :]).abs() * (ink[:, 1:, :] & ink[:, :-1, :])
+        return -diff.flatten(1).sum(1) / area
     rows, cols = ink.any(2).float(), ink.any(1).float()
     if stat == "wide":
         return cols.sum(1) / rows.sum(1).clamp(min=1)
+    if stat == "narrow":
+        return -cols.sum(1) / rows.sum(1).clamp(min=1)
     if stat == "offcentre":
         h, w = img.shape[1:]
         mass = img.clamp(min=0).flatten(1).sum(1).clamp(min=1)

@@ -73,6 +73,34 @@ def test_a_model_confident_everywhere_raises_its_null_but_not_its_backdoors() ->
         ErrorConfig(exposure=-1.0)
 
 
+def test_mixture_null_follows_the_reference_recipe_the_model_resembles() -> None:
+    # two reference recipes: one confuses 1 -> 2 a lot (and 2 -> 3 somewhat), one hardly at all
+    loud = {(1, 2): 40, (2, 3): 20, (3, 0): 5}
+    quiet = {(1, 2): 2, (2, 3): 2, (3, 0): 5}
+    ref = _reference([_counts(loud), _counts(loud), _counts(quiet), _counts(quiet)]).entry("cnn")
+    assert ref.per_model and len(ref.model_counts) == 4
+    # a clean model of the loud recipe: the pooled rate (21 per model) calls 1 -> 2 rare, the
+    # mixture sees from its other errors (2 -> 3) that it is the loud recipe
+    model = _counts({(1, 2): 42, (2, 3): 21, (3, 0): 5})
+    pooled = error_evidence(model, ref, 0.5)
+    mixture = error_evidence(model, ref, 0.5, null="mixture", beta=0.3, alpha=0.5)
+    assert pooled[1, 2] > 4 and mixture[1, 2] < 1.5
+    # a backdoor into 3 on a quiet model: the loud recipe's errors into 3 do not excuse it,
+    # since the weights of target 3 are judged on the errors into the other classes
+    bd = _counts({(1, 2): 2, (2, 3): 2, (3, 0): 5, (0, 3): 30})
+    assert error_evidence(bd, ref, 0.5, null="mixture", beta=0.3, alpha=0.5)[0, 3] > 10
+    verdict = detect_errors(bd, ref, ErrorConfig(null="mixture", exposure=20.0))
+    assert verdict.pairs[0] == (0, 3)
+    # without each model's counts (an older reference file) the mixture falls back to pooled
+    old = type(ref)(ref.arch, ref.counts, ref.totals, ref.num_models, ref.models)
+    assert not old.per_model
+    assert (error_evidence(model, old, 0.5, null="mixture") == pooled).all()
+    with pytest.raises(UserInputError, match="unknown confident-error null"):
+        ErrorConfig(null="gamma")
+    with pytest.raises(UserInputError, match="beta and alpha"):
+        ErrorConfig(beta=-1.0)
+
+
 def test_verdict_flags_the_pair_the_references_cannot_explain() -> None:
     ref = _reference([_counts({(1, 2): 10}), _counts({(1, 2): 12})]).entry("cnn")
     bad = detect_errors(_counts({(1, 2): 11, (0, 3): 12}), ref, ErrorConfig(tau=6.0))
@@ -89,11 +117,11 @@ def test_reference_round_trip_and_fallbacks(tmp_path: Path) -> None:
                            (_counts({(0, 1): 7}), "lenet", "c")], "fmnist", {"zoos": ["ref"]})
     assert ref.archs == ("cnn", "lenet") and ref.entry("cnn").counts[1][2] == 8 and ref.entry("cnn").num_models == 2
     back = ErrorReference.load(ref.save(tmp_path / "r.json"))
-    assert back == ref
+    assert back == ref and back.entry("cnn").model_counts[1][1][2] == 5
     own, note = ref.for_model("lenet", "fmnist")
     assert own.arch == "lenet" and note == ""
     pooled, note = ref.for_model("resnet18", "fmnist")
-    assert pooled.num_models == 3 and pooled.counts[0][1] == 7 and pooled.counts[1][2] == 8
+    assert pooled.num_models == 3 and pooled.counts[0][1] == 7 and pooled.counts[1][2] == 8 and pooled.per_model
     assert "no confident-error reference for arch resnet18 on fmnist" in note and "3 clean reference models" in note
     none, note = ref.for_model("cnn", "cifar10")
     assert none is None and "no confident-error reference for dataset cifar10" in note
@@ -123,13 +151,22 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     from soda_backdoor.zoo import build_zoo, load_zoo_spec, read_manifest
 
     zoo = tmp_path / "zoo"
-    build_zoo(load_zoo_spec(_tiny_zoo_files(tmp_path)), zoo)  # a patch model and its clean twin
+    # a patch model and its clean twin, trained until they learn the classes (a clean model whose
+    # training failed, accuracy < 0.5, is left out of a reference)
+    build_zoo(load_zoo_spec(_tiny_zoo_files(tmp_path, recipe="epochs = 20\naugment_clean = false")), zoo)
     ref_path = tmp_path / "ref.json"
     assert main(["zoo", "reference", str(zoo), "--out", str(ref_path), "--threshold", "0.5", "--quiet"]) == 0
     assert "lenet: 1 clean model(s)" in capsys.readouterr().out
     ref = ErrorReference.load(ref_path)
     assert ref.threshold == 0.5 and ref.archs == ("lenet",) and ref.entries[0].totals == (20,) * 10
     assert ref.provenance["zoos"] == ["zoo"] and ref.provenance["num_models"] == 1
+    # a clean model whose training failed is left out (here the only one: no reference)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "manifest.jsonl").write_text("".join(
+        json.dumps(dict(r, acc=0.1) if r["attack"] == "none" else r) + "\n" for r in read_manifest(zoo).values()))
+    assert main(["zoo", "reference", str(failed), "--out", str(tmp_path / "f.json"), "--quiet"]) == 2
+    assert "no clean model whose training worked" in capsys.readouterr().err
 
     data = ["--dataset", "fmnist", "--data-dir", str(tmp_path / "tiny.npz"), "--num-samples", "8", "--device", "cpu",
             "--quiet", "--json", str(tmp_path / "d.json")]

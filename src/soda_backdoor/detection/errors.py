@@ -55,6 +55,7 @@ SHIPPED = "error_reference.json"
 
 
 DEFAULT_THRESHOLD = 0.95
+NULLS = ("pooled", "mixture")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class ErrorConfig:
     prior: float = 0.5
     tau: float = 2.45
     exposure: float | None = 20.0
+    null: str = "pooled"
+    beta: float = 0.3
+    alpha: float = 2.0
 
     def __post_init__(self) -> None:
         check_finite("prior", self.prior, positive=True)
@@ -82,6 +86,12 @@ class ErrorConfig:
             check_finite("exposure", self.exposure)
             if self.exposure < 0:
                 raise UserInputError(f"exposure must be >= 0, got {self.exposure}")
+        if self.null not in NULLS:
+            raise UserInputError(f"unknown confident-error null {self.null!r}; valid: {', '.join(NULLS)}")
+        check_finite("beta", self.beta)
+        check_finite("alpha", self.alpha)
+        if self.beta < 0 or self.alpha < 0:
+            raise UserInputError(f"beta and alpha must be >= 0, got {self.beta} and {self.alpha}")
 
 
 def check_threshold(threshold: float) -> None:
@@ -142,6 +152,13 @@ class ReferenceEntry:
     totals: tuple[int, ...]
     num_models: int
     models: tuple[str, ...] = ()
+    model_counts: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    model_totals: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def per_model(self) -> bool:
+        """Whether each model's own counts are kept (the ``mixture`` null needs them)."""
+        return len(self.model_counts) == self.num_models > 0
 
 
 @dataclass(frozen=True)
@@ -173,9 +190,12 @@ class ErrorReference:
         k = len(self.entries[0].totals)
         counts = [[sum(e.counts[s][t] for e in self.entries) for t in range(k)] for s in range(k)]
         totals = [sum(e.totals[s] for e in self.entries) for s in range(k)]
+        per_model = all(e.per_model for e in self.entries)
         return ReferenceEntry("+".join(self.archs), tuple(map(tuple, counts)), tuple(totals),
                               sum(e.num_models for e in self.entries),
-                              tuple(m for e in self.entries for m in e.models))
+                              tuple(m for e in self.entries for m in e.models),
+                              tuple(c for e in self.entries for c in e.model_counts) if per_model else (),
+                              tuple(n for e in self.entries for n in e.model_totals) if per_model else ())
 
     def for_model(self, arch: str, dataset: str) -> tuple[ReferenceEntry | None, str]:
         """The entry that serves a model of ``arch`` on ``dataset``, and a note when it is not its own.
@@ -209,7 +229,9 @@ class ErrorReference:
                                  f"expected {FORMAT!r})")
         try:
             entries = tuple(ReferenceEntry(e["arch"], tuple(map(tuple, e["counts"])), tuple(e["totals"]),
-                                           int(e["num_models"]), tuple(e.get("models", ())))
+                                           int(e["num_models"]), tuple(e.get("models", ())),
+                                           tuple(tuple(map(tuple, c)) for c in e.get("model_counts", ())),
+                                           tuple(map(tuple, e.get("model_totals", ()))))
                             for e in d["entries"])
             ref = cls(d["dataset"], float(d["threshold"]), entries, d.get("provenance", {}))
         except (KeyError, TypeError, ValueError) as exc:
@@ -258,15 +280,21 @@ def build_reference(models: Sequence[tuple[ErrorCounts, str, str]], dataset: str
         counts = [[sum(c.counts[s][t] for c, _ in mine) for t in range(k)] for s in range(k)]
         totals = [sum(c.totals[s] for c, _ in mine) for s in range(k)]
         entries.append(ReferenceEntry(arch, tuple(map(tuple, counts)), tuple(totals), len(mine),
-                                      tuple(n for _, n in mine)))
+                                      tuple(n for _, n in mine), tuple(c.counts for c, _ in mine),
+                                      tuple(c.totals for c, _ in mine)))
     return ErrorReference(dataset, thresholds.pop(), tuple(entries), provenance or {})
 
 
 def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
-                   exposure: float | None = None) -> Tensor:
-    """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's Poisson null (module docstring),
-    scaled per target by the model's confidence factor ``k_t`` when ``exposure`` is set.
+                   exposure: float | None = None, null: str = "pooled", beta: float = 0.3,
+                   alpha: float = 2.0) -> Tensor:
+    """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's null (module docstring).
 
+    ``null="pooled"``: Poisson with the reference's pooled rate, scaled per target by the
+    model's confidence factor ``k_t`` when ``exposure`` is set. ``null="mixture"``: a mixture
+    over the reference models of Poissons with each model's own rate, weighted per target by
+    how well each explains the model's errors into the other classes (:func:`mixture_evidence`);
+    it needs a reference that keeps each model's counts, and falls back to ``pooled`` otherwise.
     0 on the diagonal and for a pair without errors.
     """
     from scipy.stats import poisson
@@ -275,13 +303,55 @@ def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
     if len(reference.totals) != k:
         raise UserInputError(f"the reference has {len(reference.totals)} classes, the model {k}")
     n = np.asarray(counts.counts, dtype=np.float64)
+    totals = np.asarray(counts.totals, dtype=np.float64)
     rate = (np.asarray(reference.counts, dtype=np.float64) + prior) / np.maximum(reference.totals, 1)[:, None]
-    lam = rate * np.asarray(counts.totals, dtype=np.float64)[:, None]
-    if exposure is not None:
-        lam = lam * exposure_factors(n, lam, exposure)[None, :]
-    e = np.where(n > 0, -poisson.logsf(n - 1, lam) / math.log(10), 0.0)
+    if null == "mixture" and reference.per_model:
+        own = (np.asarray(reference.model_counts, dtype=np.float64)
+               / np.maximum(np.asarray(reference.model_totals, dtype=np.float64), 1)[:, :, None])
+        e = mixture_evidence(n, totals, own, rate, beta, alpha, exposure)
+    else:
+        lam = rate * totals[:, None]
+        if exposure is not None:
+            lam = lam * exposure_factors(n, lam, exposure)[None, :]
+        e = -poisson.logsf(n - 1, lam) / math.log(10)
+    e = np.where(n > 0, e, 0.0)
     np.fill_diagonal(e, 0.0)
     return torch.from_numpy(e)
+
+
+def mixture_evidence(n: np.ndarray, totals: np.ndarray, own: np.ndarray, rate: np.ndarray, beta: float,
+                     alpha: float, exposure: float | None) -> np.ndarray:
+    """The evidence under a mixture null over the reference models (docs/method.md §2.2b).
+
+    Reference model ``j``'s rate of pair ``(s, t)`` is its own, smoothed toward the pooled
+    ``rate`` with the weight of ``alpha`` models. For target ``t``, model ``j`` gets the weight
+    ``w_jt ∝ exp(beta * log L_j)``, where ``L_j`` is the Poisson likelihood of the model's
+    confident errors into every class *but* ``t`` under ``j``'s rates: which reference recipe
+    the model resembles is judged on the errors a backdoor into ``t`` leaves alone. The null of
+    ``n[s, t]`` is ``sum_j w_jt Poisson(mu_j[s, t] * k_t)``, with ``k_t`` the confidence factor
+    against the mixture's expectation (when ``exposure`` is set).
+
+    Args:
+        n: the model's confident errors ``(k, k)``; totals: its samples per class ``(k,)``.
+        own: each reference model's rates ``(J, k, k)``; rate: the pooled rates ``(k, k)``.
+    """
+    from scipy.special import logsumexp
+    from scipy.stats import poisson
+
+    k = len(n)
+    off = ~np.eye(k, dtype=bool)
+    mus = (own + alpha * rate[None]) / (1.0 + alpha) * totals[None, :, None]      # (J, k, k)
+    cell = np.where(off[None], n[None] * np.log(mus) - mus, 0.0)
+    logw = beta * (cell.sum((1, 2))[:, None] - cell.sum(1))                       # (J, t): all but column t
+    logw -= logsumexp(logw, axis=0, keepdims=True)
+    if exposure is not None:
+        mus_off = np.where(off[None], mus, 0.0)
+        expect = np.exp(logw) * (mus_off.sum((1, 2))[:, None] - mus_off.sum(1))   # (J, t)
+        n_off = np.where(off, n, 0.0)
+        factor = (n_off.sum() - n_off.sum(0) + exposure) / (expect.sum(0) + exposure)
+        mus = mus * np.maximum(factor, 1.0)[None, None, :]
+    lsf = poisson.logsf(n[None] - 1, mus)                                         # (J, k, k)
+    return -logsumexp(logw[:, None, :] + lsf, axis=0) / math.log(10)
 
 
 def exposure_factors(n: np.ndarray, lam: np.ndarray, exposure: float) -> np.ndarray:
@@ -329,7 +399,7 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
                   note: str = "") -> ErrorDetection:
     """Flag the pairs whose confident errors the reference cannot explain (module docstring)."""
     config = config or ErrorConfig()
-    e = error_evidence(counts, reference, config.prior, config.exposure)
+    e = error_evidence(counts, reference, config.prior, config.exposure, config.null, config.beta, config.alpha)
     per_target = e.max(0)
     order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
     pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)

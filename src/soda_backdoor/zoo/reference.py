@@ -21,6 +21,7 @@ from ..errors import UserInputError
 from ..executor import run_tasks
 from ..utils import source_commit
 from .build import read_manifest
+from .score import MIN_ACC
 
 
 def _count_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -59,10 +60,13 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
         manifest = read_manifest(root)
         if not manifest:
             raise UserInputError(f"{root} holds no built zoo ({root / 'manifest.jsonl'} is missing or empty)")
+        # a clean model whose training failed (it answers one class) is no evidence of what clean
+        # models do: left out, as `soda zoo score` leaves it out
         rows += [{**r, "path": str(root / r["file"]), "zoo": root.name} for r in manifest.values()
-                 if r["attack"] == "none"]
+                 if r["attack"] == "none" and r.get("acc", 1.0) >= MIN_ACC]
     if not rows:
-        raise UserInputError("the zoos hold no clean model; a reference is made of clean models")
+        raise UserInputError(f"the zoos hold no clean model whose training worked (accuracy >= {MIN_ACC}); "
+                             "a reference is made of clean models")
     datasets = sorted({r["dataset"] for r in rows})
     if len(datasets) > 1:
         raise UserInputError(f"the zoos' clean models are on several datasets ({', '.join(datasets)}); "

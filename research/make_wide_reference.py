@@ -1,0 +1,90 @@
+"""Write `zoo/reference_wide.toml`: clean reference models on recipes drawn at random.
+
+The shipped confident-error reference (`zoo/reference.toml`, `zoo/reference_flip.toml`) is
+the dev zoo's eight recipes on other seeds. A held-out zoo of other recipes (holdout2: a
+3-epoch schedule with brightness jitter, a 30-epoch `lenet` with no augmentation and no
+weight decay) showed that clean models of a recipe the reference has not seen confuse other
+pairs, or the same pairs more often (docs/detection.md). A defender does not know the
+recipe of the model they audit, so their reference should be a *sample of the recipe
+space*: this script draws one recipe per model from a declared distribution over every
+training setting `soda train` has (schedule, learning rate and its decay, batch, momentum,
+weight decay, augmentation and its strength), with a fixed random seed, and a seed per
+model that no other zoo uses.
+
+Each model is a clean model of a recipe no other reference model shares, so every one of
+them, scored against the others, is a clean model of an unseen recipe: a dev-side estimate
+of the false-alarm rate (research/error_null_variants.py).
+
+Usage: python research/make_wide_reference.py [--per-arch 10] [--seed 7] [OUT.toml]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+# The recipe distribution. Epoch ranges differ by architecture (lenet is small and is often
+# trained longer); everything else is shared.
+EPOCHS = {"cnn": (3, 14), "lenet": (4, 30)}
+LR = (0.01, 0.12)  # log-uniform
+BATCH = (32, 48, 64, 96, 128, 192, 256)
+MOMENTUM = (0.5, 0.8, 0.9, 0.9, 0.95)
+WEIGHT_DECAY = (0.0, 1e-4, 5e-4, 5e-4, 2e-3)
+GAMMA = (0.1, 0.1, 0.3)
+PLAIN_FINAL = (0, 2)
+ROTATION = (0.0, 0.0, 10.0, 20.0)
+BRIGHTNESS = (0.0, 0.0, 0.2, 0.4)
+CONTRAST = (0.0, 0.0, 0.3)
+SEED0 = 40  # model seeds 40, 41, ...: no other zoo uses them
+
+
+def draw(rng: np.random.Generator, arch: str) -> dict:
+    lo, hi = EPOCHS[arch]
+    epochs = int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+    recipe = {"epochs": epochs, "lr": round(float(np.exp(rng.uniform(*np.log(LR)))), 4),
+              "batch_size": int(rng.choice(BATCH)), "momentum": float(rng.choice(MOMENTUM)),
+              "weight_decay": float(rng.choice(WEIGHT_DECAY)), "gamma": float(rng.choice(GAMMA)),
+              "plain_final_epochs": min(int(rng.choice(PLAIN_FINAL)), epochs - 1),
+              "augment_clean": bool(rng.integers(2))}
+    # rotation, brightness and contrast apply to augmented samples only
+    if recipe["augment_clean"]:
+        recipe.update(rotation=float(rng.choice(ROTATION)), brightness=float(rng.choice(BRIGHTNESS)),
+                      contrast=float(rng.choice(CONTRAST)))
+    return recipe
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if not isinstance(value, str) else f'"{value}"'
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", default=str(Path(__file__).resolve().parents[1] / "zoo" / "reference_wide.toml"))
+    p.add_argument("--per-arch", type=int, default=10)
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args()
+    rng = np.random.default_rng(args.seed)
+    lines = ["# A wide reference zoo: clean models only, one recipe each, drawn at random from the",
+             "# distribution in research/make_wide_reference.py (written by it: do not edit by hand).",
+             f"# python research/make_wide_reference.py --per-arch {args.per_arch} --seed {args.seed}",
+             "# Every model is a clean model of a recipe the others do not share (docs/detection.md).",
+             "# Build: soda zoo build zoo/reference_wide.toml --out zoos/reference_wide --jobs 2",
+             'name = "reference_wide"', 'dataset = "fmnist"']
+    seed, epochs = SEED0, 0
+    for arch in ("cnn", "lenet"):
+        for _ in range(args.per_arch):
+            recipe = draw(rng, arch)
+            epochs += recipe["epochs"]
+            lines += ["", "[[group]]", f'arch = "{arch}"', f"seed = {seed}", 'attack = "none"']
+            lines += [f"{k} = {_toml(v)}" for k, v in recipe.items()]
+            seed += 1
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"{args.out}: {2 * args.per_arch} models, {epochs} epochs in all")
+
+
+if __name__ == "__main__":
+    main()
