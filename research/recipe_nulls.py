@@ -46,12 +46,14 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+from scipy.special import logsumexp
 from scipy.stats import nbinom, poisson
 from sklearn.metrics import roc_auc_score
 
-from soda_backdoor.detection.errors import mixture_evidence  # noqa: E402
+from soda_backdoor.detection.errors import pair_dispersion  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from error_detector import VIEWS, _meta, _read, _recipe  # noqa: E402
@@ -74,6 +76,33 @@ def _factor(n: np.ndarray, lam: np.ndarray) -> np.ndarray:
     return np.maximum(k, 1.0)
 
 
+def mixture_evidence(n: np.ndarray, totals: np.ndarray, own: np.ndarray, rate: np.ndarray, beta: float,
+                     alpha: float, exposure: float | None) -> np.ndarray:
+    """The evidence under the mixture null (module docstring).
+
+    Reference model ``j``'s rate of pair ``(s, t)`` is its own (``own``, ``(J, k, k)``), smoothed
+    toward the pooled ``rate`` with the weight of ``alpha`` models. For target ``t``, model ``j``
+    gets the weight ``w_jt ∝ exp(beta * log L_j)``, ``L_j`` the Poisson likelihood of the model's
+    confident errors into every class but ``t`` under ``j``'s rates. The null of ``n[s, t]`` is
+    ``sum_j w_jt Poisson(mu_j[s, t] * k_t)``, ``k_t`` the confidence factor against the
+    mixture's expectation (when ``exposure`` is set).
+    """
+    k = len(n)
+    off = ~np.eye(k, dtype=bool)
+    mus = (own + alpha * rate[None]) / (1.0 + alpha) * totals[None, :, None]      # (J, k, k)
+    cell = np.where(off[None], n[None] * np.log(mus) - mus, 0.0)
+    logw = beta * (cell.sum((1, 2))[:, None] - cell.sum(1))                       # (J, t): all but column t
+    logw -= logsumexp(logw, axis=0, keepdims=True)
+    if exposure is not None:
+        mus_off = np.where(off[None], mus, 0.0)
+        expect = np.exp(logw) * (mus_off.sum((1, 2))[:, None] - mus_off.sum(1))   # (J, t)
+        n_off = np.where(off, n, 0.0)
+        factor = (n_off.sum() - n_off.sum(0) + exposure) / (expect.sum(0) + exposure)
+        mus = mus * np.maximum(factor, 1.0)[None, None, :]
+    lsf = poisson.logsf(n[None] - 1, mus)                                         # (J, k, k)
+    return -logsumexp(logw[:, None, :] + lsf, axis=0) / LOG10
+
+
 class Null:
     """The null of one architecture's reference models at one threshold."""
 
@@ -86,14 +115,9 @@ class Null:
         self.rate = (self.counts.sum(0) + prior) / self.totals.sum(0)[:, None]
         k = self.rate.shape[0]
         self.off = ~np.eye(k, dtype=bool)
-        if kind == "nbpair":
-            mu = self.rate[None] * self.totals[:, :, None]
-            m = mu.mean(0)
-            var = ((self.counts - mu) ** 2).mean(0)
-            raw = np.maximum(var - m, 0.0) / np.maximum(m, 1e-9) ** 2
-            pooled = max(float(np.maximum(var - m, 0)[self.off].sum() / (m[self.off] ** 2).sum()), 1e-6)
-            jn = len(refs)
-            self.phi = np.maximum((jn * raw + SHRINK * pooled) / (jn + SHRINK), 1e-6)
+        if kind == "nbpair":  # the product's estimate (detection/errors.py)
+            self.phi = pair_dispersion(SimpleNamespace(model_counts=self.counts, model_totals=self.totals),
+                                       self.rate, SHRINK)
         if kind == "mixture":
             self.own = self.counts / np.maximum(self.totals, 1)[:, :, None]   # each model's own rates
 
@@ -108,7 +132,7 @@ class Null:
                 lam = lam * _factor(n, lam)[None, :]
             r = 1.0 / self.phi
             e = -nbinom.logsf(n - 1, r, r / (r + lam)) / LOG10
-        else:  # mixture: the product's own (detection/errors.py)
+        else:  # mixture
             e = mixture_evidence(n, totals, self.own, self.rate, self.beta, self.alpha,
                                  EXPOSURE if self.factor else None)
         return np.where((n > 0) & self.off, e, 0.0)

@@ -73,32 +73,29 @@ def test_a_model_confident_everywhere_raises_its_null_but_not_its_backdoors() ->
         ErrorConfig(exposure=-1.0)
 
 
-def test_mixture_null_follows_the_reference_recipe_the_model_resembles() -> None:
-    # two reference recipes: one confuses 1 -> 2 a lot (and 2 -> 3 somewhat), one hardly at all
-    loud = {(1, 2): 40, (2, 3): 20, (3, 0): 5}
-    quiet = {(1, 2): 2, (2, 3): 2, (3, 0): 5}
+def test_nbpair_null_widens_the_pairs_that_vary_with_the_recipe() -> None:
+    # two reference recipes: one confuses 1 -> 2 a lot, one hardly at all; 3 -> 0 is steady
+    loud, quiet = {(1, 2): 40, (3, 0): 5}, {(1, 2): 2, (3, 0): 5}
     ref = _reference([_counts(loud), _counts(loud), _counts(quiet), _counts(quiet)]).entry("cnn")
     assert ref.per_model and len(ref.model_counts) == 4
-    # a clean model of the loud recipe: the pooled rate (21 per model) calls 1 -> 2 rare, the
-    # mixture sees from its other errors (2 -> 3) that it is the loud recipe
-    model = _counts({(1, 2): 42, (2, 3): 21, (3, 0): 5})
-    pooled = error_evidence(model, ref, 0.5)
-    mixture = error_evidence(model, ref, 0.5, null="mixture", beta=0.3, alpha=0.5)
-    assert pooled[1, 2] > 4 and mixture[1, 2] < 1.5
-    # a backdoor into 3 on a quiet model: the loud recipe's errors into 3 do not excuse it,
-    # since the weights of target 3 are judged on the errors into the other classes
-    bd = _counts({(1, 2): 2, (2, 3): 2, (3, 0): 5, (0, 3): 30})
-    assert error_evidence(bd, ref, 0.5, null="mixture", beta=0.3, alpha=0.5)[0, 3] > 10
-    verdict = detect_errors(bd, ref, ErrorConfig(null="mixture", exposure=20.0))
-    assert verdict.pairs[0] == (0, 3)
-    # without each model's counts (an older reference file) the mixture falls back to pooled
+    # a clean model of the loud recipe: the Poisson null at the pooled rate (21) calls 1 -> 2
+    # rare, the per-pair spread of the references does not
+    model = _counts({(1, 2): 42, (3, 0): 5})
+    poisson = error_evidence(model, ref, 0.5)
+    nbpair = error_evidence(model, ref, 0.5, null="nbpair")
+    assert poisson[1, 2] > 4 and nbpair[1, 2] < 1
+    # a backdoor on a pair the references never confuse keeps its evidence
+    bd = _counts({(1, 2): 2, (3, 0): 5, (0, 3): 30})
+    assert error_evidence(bd, ref, 0.5, null="nbpair")[0, 3] > 10
+    assert detect_errors(bd, ref, ErrorConfig()).pairs[0] == (0, 3)
+    # without each model's counts (an older reference file): the Poisson null, with a note
     old = type(ref)(ref.arch, ref.counts, ref.totals, ref.num_models, ref.models)
-    assert not old.per_model
-    assert (error_evidence(model, old, 0.5, null="mixture") == pooled).all()
+    assert not old.per_model and (error_evidence(model, old, 0.5, null="nbpair") == poisson).all()
+    assert "keeps no per-model counts" in detect_errors(bd, old, ErrorConfig()).note
     with pytest.raises(UserInputError, match="unknown confident-error null"):
         ErrorConfig(null="gamma")
-    with pytest.raises(UserInputError, match="beta and alpha"):
-        ErrorConfig(beta=-1.0)
+    with pytest.raises(UserInputError, match="shrink"):
+        ErrorConfig(shrink=-1.0)
 
 
 def test_verdict_flags_the_pair_the_references_cannot_explain() -> None:
@@ -138,7 +135,8 @@ def test_the_shipped_reference_covers_the_default_architectures() -> None:
     ref = shipped_reference()
     assert ref.dataset == "fmnist" and {"cnn", "lenet"} <= set(ref.archs)
     assert all(e.num_models >= 4 and sum(e.totals) >= 10000 * e.num_models for e in ref.entries)
-    assert ref.provenance["zoos"] == ["reference", "reference_flip"] and ref.threshold == 0.95
+    assert ref.provenance["zoos"] == ["reference", "reference_flip", "reference_wide"] and ref.threshold == 0.95
+    assert all(e.per_model for e in ref.entries)  # the default nbpair null needs each model's counts
 
 
 def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsys) -> None:

@@ -95,7 +95,7 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                         "a reference of clean models) or weights (the weight profile and a source rule, as the "
                         "study); see docs/detection.md")
     g.add_argument("--tau-errors", type=float, default=None,
-                   help="confident-error evidence (-log10 p) above which a pair is flagged (default 2.45)")
+                   help="confident-error evidence (-log10 p) above which a pair is flagged (default 2.99)")
     g.add_argument("--reference", default=None, help="a confident-error reference from `soda zoo reference` "
                    "(default: the shipped one, cnn and lenet on fmnist)")
 

@@ -8,10 +8,11 @@ own clean reference models of the same architecture and dataset show. For every 
 
     n[s, t] = #{x of class s : softmax_t(x) >= threshold},
 
-with a Poisson null whose rate is the reference models' pooled rate for that pair (plus a
-prior of ``prior`` errors, so a pair the references never confuse is not infinitely rare):
+with a null whose mean is the reference models' pooled rate for that pair (plus a prior of
+``prior`` errors, so a pair the references never confuse is not infinitely rare), scaled by
+the model's confidence factor ``k_t``:
 
-    E[s, t] = -log10 P(X >= n[s, t]),   X ~ Poisson(k_t * N_s * (sum_ref n[s, t] + prior) / sum_ref N_s).
+    E[s, t] = -log10 P(X >= n[s, t]),   E[X] = lambda[s, t] = k_t * N_s * (sum_ref n[s, t] + prior) / sum_ref N_s
 
 ``k_t >= 1`` allows for a model that is more confident everywhere than the references (long
 training without augmentation): its confident errors into every class *but* ``t``, against
@@ -19,7 +20,13 @@ what the reference expects of them, with ``exposure`` pseudo-errors on both side
 
     k_t = max(1, (sum_{t' != t} n + exposure) / (sum_{t' != t} lambda + exposure)).
 
-A backdoor adds errors into its own target, so it does not raise its own null.
+A backdoor adds errors into its own target, so it does not raise its own null. X is negative
+binomial with ``Var X = lambda + phi[s, t] lambda^2`` (``null="nbpair"``, the default): each
+pair's overdispersion ``phi`` is the spread of that pair's count over the reference models,
+which are trained on different recipes (:func:`pair_dispersion`), so a pair that some recipes
+confuse far more than others (T-shirt -> shirt, coat -> pullover) needs far more errors to
+count as evidence, and a pair no recipe confuses keeps a tight null. ``null="poisson"``:
+``phi = 0``.
 
 The pair with the largest evidence is the candidate (source, target); the model is flagged
 when it exceeds ``tau``. The data must be natural held-out data of the dataset, attack or no
@@ -55,14 +62,15 @@ SHIPPED = "error_reference.json"
 
 
 DEFAULT_THRESHOLD = 0.95
-NULLS = ("pooled", "mixture")
+NULLS = ("nbpair", "poisson")
 
 
 @dataclass(frozen=True)
 class ErrorConfig:
     """Settings of the confident-error verdict (the counting threshold is the reference's).
 
-    Defaults chosen on the dev zoo (docs/detection.md, ``research/error_null_variants.py``).
+    Defaults chosen on the dev zoo and the reference models scored as unseen recipes
+    (docs/detection.md, ``research/recipe_nulls.py``).
 
     Attributes:
         prior: errors added to every pair of the reference (a pair never confused by the
@@ -70,14 +78,16 @@ class ErrorConfig:
         tau: evidence (-log10 p) above which a pair is flagged.
         exposure: pseudo-errors of the model-level factor ``k_t`` (module docstring);
             ``None``: no factor, the reference's rates as they are.
+        null: ``nbpair`` (negative binomial with each pair's spread over the reference
+            models; needs a reference that keeps each model's counts) or ``poisson``.
+        shrink: weight, in models, of the all-pairs spread in each pair's (``nbpair``).
     """
 
     prior: float = 0.5
-    tau: float = 2.45
+    tau: float = 2.99
     exposure: float | None = 20.0
-    null: str = "pooled"
-    beta: float = 0.3
-    alpha: float = 2.0
+    null: str = "nbpair"
+    shrink: float = 8.0
 
     def __post_init__(self) -> None:
         check_finite("prior", self.prior, positive=True)
@@ -88,10 +98,9 @@ class ErrorConfig:
                 raise UserInputError(f"exposure must be >= 0, got {self.exposure}")
         if self.null not in NULLS:
             raise UserInputError(f"unknown confident-error null {self.null!r}; valid: {', '.join(NULLS)}")
-        check_finite("beta", self.beta)
-        check_finite("alpha", self.alpha)
-        if self.beta < 0 or self.alpha < 0:
-            raise UserInputError(f"beta and alpha must be >= 0, got {self.beta} and {self.alpha}")
+        check_finite("shrink", self.shrink)
+        if self.shrink < 0:
+            raise UserInputError(f"shrink must be >= 0, got {self.shrink}")
 
 
 def check_threshold(threshold: float) -> None:
@@ -157,7 +166,7 @@ class ReferenceEntry:
 
     @property
     def per_model(self) -> bool:
-        """Whether each model's own counts are kept (the ``mixture`` null needs them)."""
+        """Whether each model's own counts are kept (the ``nbpair`` null needs them)."""
         return len(self.model_counts) == self.num_models > 0
 
 
@@ -286,72 +295,54 @@ def build_reference(models: Sequence[tuple[ErrorCounts, str, str]], dataset: str
 
 
 def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
-                   exposure: float | None = None, null: str = "pooled", beta: float = 0.3,
-                   alpha: float = 2.0) -> Tensor:
+                   exposure: float | None = None, null: str = "poisson", shrink: float = 8.0) -> Tensor:
     """``E[s, t] = -log10 P(X >= n[s, t])`` under the reference's null (module docstring).
 
-    ``null="pooled"``: Poisson with the reference's pooled rate, scaled per target by the
-    model's confidence factor ``k_t`` when ``exposure`` is set. ``null="mixture"``: a mixture
-    over the reference models of Poissons with each model's own rate, weighted per target by
-    how well each explains the model's errors into the other classes (:func:`mixture_evidence`);
-    it needs a reference that keeps each model's counts, and falls back to ``pooled`` otherwise.
-    0 on the diagonal and for a pair without errors.
+    The null's mean is the reference's pooled rate, scaled per target by the model's
+    confidence factor ``k_t`` when ``exposure`` is set. ``null="poisson"``: X is Poisson.
+    ``null="nbpair"``: X is negative binomial with the pair's own overdispersion across the
+    reference models (:func:`pair_dispersion`), so a pair whose count varies with the recipe
+    gets a wider null; it needs a reference that keeps each model's counts, and is Poisson
+    otherwise. 0 on the diagonal and for a pair without errors.
     """
-    from scipy.stats import poisson
+    from scipy.stats import nbinom, poisson
 
     k = counts.num_classes
     if len(reference.totals) != k:
         raise UserInputError(f"the reference has {len(reference.totals)} classes, the model {k}")
     n = np.asarray(counts.counts, dtype=np.float64)
-    totals = np.asarray(counts.totals, dtype=np.float64)
     rate = (np.asarray(reference.counts, dtype=np.float64) + prior) / np.maximum(reference.totals, 1)[:, None]
-    if null == "mixture" and reference.per_model:
-        own = (np.asarray(reference.model_counts, dtype=np.float64)
-               / np.maximum(np.asarray(reference.model_totals, dtype=np.float64), 1)[:, :, None])
-        e = mixture_evidence(n, totals, own, rate, beta, alpha, exposure)
+    lam = rate * np.asarray(counts.totals, dtype=np.float64)[:, None]
+    if exposure is not None:
+        lam = lam * exposure_factors(n, lam, exposure)[None, :]
+    if null == "nbpair" and reference.per_model:
+        r = 1.0 / pair_dispersion(reference, rate, shrink)
+        e = -nbinom.logsf(n - 1, r, r / (r + lam)) / math.log(10)
     else:
-        lam = rate * totals[:, None]
-        if exposure is not None:
-            lam = lam * exposure_factors(n, lam, exposure)[None, :]
         e = -poisson.logsf(n - 1, lam) / math.log(10)
     e = np.where(n > 0, e, 0.0)
     np.fill_diagonal(e, 0.0)
     return torch.from_numpy(e)
 
 
-def mixture_evidence(n: np.ndarray, totals: np.ndarray, own: np.ndarray, rate: np.ndarray, beta: float,
-                     alpha: float, exposure: float | None) -> np.ndarray:
-    """The evidence under a mixture null over the reference models (docs/method.md §2.2b).
+def pair_dispersion(reference: ReferenceEntry, rate: np.ndarray, shrink: float) -> np.ndarray:
+    """Each pair's overdispersion ``phi[s, t]`` over the reference models (method of moments).
 
-    Reference model ``j``'s rate of pair ``(s, t)`` is its own, smoothed toward the pooled
-    ``rate`` with the weight of ``alpha`` models. For target ``t``, model ``j`` gets the weight
-    ``w_jt ∝ exp(beta * log L_j)``, where ``L_j`` is the Poisson likelihood of the model's
-    confident errors into every class *but* ``t`` under ``j``'s rates: which reference recipe
-    the model resembles is judged on the errors a backdoor into ``t`` leaves alone. The null of
-    ``n[s, t]`` is ``sum_j w_jt Poisson(mu_j[s, t] * k_t)``, with ``k_t`` the confidence factor
-    against the mixture's expectation (when ``exposure`` is set).
-
-    Args:
-        n: the model's confident errors ``(k, k)``; totals: its samples per class ``(k,)``.
-        own: each reference model's rates ``(J, k, k)``; rate: the pooled rates ``(k, k)``.
+    With ``mu_j = rate[s, t] * N_js`` the count model ``j`` would have at the pooled rate,
+    ``phi = max(mean_j (n_j - mu_j)^2 - mean_j mu_j, 0) / (mean_j mu_j)^2``, shrunk toward the
+    value pooled over all pairs with the weight of ``shrink`` models (a pair seen in a few
+    models is not trusted alone). ``Var = mu + phi mu^2``: ``phi = 0`` is Poisson.
     """
-    from scipy.special import logsumexp
-    from scipy.stats import poisson
-
-    k = len(n)
-    off = ~np.eye(k, dtype=bool)
-    mus = (own + alpha * rate[None]) / (1.0 + alpha) * totals[None, :, None]      # (J, k, k)
-    cell = np.where(off[None], n[None] * np.log(mus) - mus, 0.0)
-    logw = beta * (cell.sum((1, 2))[:, None] - cell.sum(1))                       # (J, t): all but column t
-    logw -= logsumexp(logw, axis=0, keepdims=True)
-    if exposure is not None:
-        mus_off = np.where(off[None], mus, 0.0)
-        expect = np.exp(logw) * (mus_off.sum((1, 2))[:, None] - mus_off.sum(1))   # (J, t)
-        n_off = np.where(off, n, 0.0)
-        factor = (n_off.sum() - n_off.sum(0) + exposure) / (expect.sum(0) + exposure)
-        mus = mus * np.maximum(factor, 1.0)[None, None, :]
-    lsf = poisson.logsf(n[None] - 1, mus)                                         # (J, k, k)
-    return -logsumexp(logw[:, None, :] + lsf, axis=0) / math.log(10)
+    counts = np.asarray(reference.model_counts, dtype=np.float64)            # (J, k, k)
+    totals = np.asarray(reference.model_totals, dtype=np.float64)            # (J, k)
+    mu = rate[None] * totals[:, :, None]
+    m = mu.mean(0)
+    excess = np.maximum(((counts - mu) ** 2).mean(0) - m, 0.0)
+    off = ~np.eye(len(m), dtype=bool)
+    pooled = max(float(excess[off].sum() / (m[off] ** 2).sum()), 1e-6)
+    own = excess / np.maximum(m, 1e-9) ** 2
+    j = len(counts)
+    return np.maximum((j * own + shrink * pooled) / (j + shrink), 1e-6)
 
 
 def exposure_factors(n: np.ndarray, lam: np.ndarray, exposure: float) -> np.ndarray:
@@ -375,7 +366,8 @@ class ErrorDetection:
         evidence: ``E[s, t]`` for every ordered pair.
         counts: the confident errors behind it.
         reference: which reference entry served (architecture and model count).
-        note: set when the model's own architecture had no entry.
+        note: set when the model's own architecture had no entry, or the reference keeps
+            no per-model counts (then the null is Poisson).
         config: the settings.
     """
 
@@ -399,7 +391,10 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
                   note: str = "") -> ErrorDetection:
     """Flag the pairs whose confident errors the reference cannot explain (module docstring)."""
     config = config or ErrorConfig()
-    e = error_evidence(counts, reference, config.prior, config.exposure, config.null, config.beta, config.alpha)
+    e = error_evidence(counts, reference, config.prior, config.exposure, config.null, config.shrink)
+    if config.null == "nbpair" and not reference.per_model:
+        note = "; ".join(x for x in (note, "the reference keeps no per-model counts (an older file): Poisson "
+                                     "null; rebuild it with `soda zoo reference` for the per-pair spread") if x)
     per_target = e.max(0)
     order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
     pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)

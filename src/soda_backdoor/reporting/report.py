@@ -169,7 +169,9 @@ def render_report(run_dir: str | Path) -> Path:
             rows, ["target", "from source", "errors", "evidence (-log10 p)", ""]) +
             f"<p>Test samples of each class that the model gives another class with softmax &gt;= "
             f"{err['counts']['threshold']:g}, against the clean reference models {html.escape(err['reference'])} "
-            f"(Poisson null, prior {err['config']['prior']:g}"
+            + ("(negative binomial null with each pair's spread over the reference models"
+               if err["config"].get("null") == "nbpair" and "no per-model counts" not in err.get("note", "")
+               else "(Poisson null") + f", prior {err['config']['prior']:g}"
             + (f", scaled by the model's confidence factor ({err['config']['exposure']:g} pseudo-errors)"
                if err["config"].get("exposure") is not None else "")
             + "); docs/detection.md.</p>")
