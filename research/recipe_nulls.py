@@ -31,11 +31,13 @@ recipe: ``loro``). Rank by the AUC of dev backdoored vs (dev clean + loro clean)
 right pair on dev, then the gap; tau = the middle of the gap between the highest clean score
 (dev and loro) and the lowest dev backdoored one, or, when they overlap, the value that
 flags no more than 1 in 40 of the clean ones (the 97.5% quantile). Then the chosen setting
-and the shipped one are reported on test, holdout, holdout2 (all seen earlier) and holdout3.
+and the previous default (stop 17: ``R32``, pooled, tau 2.45) are reported on test, holdout,
+holdout2 (all seen earlier) and holdout3; the previous one also on the wide reference's
+models (clean models of random recipes it has never seen).
 
 Usage:
-    python research/recipe_nulls.py --counts research/results/error_counts.jsonl \\
-        --json research/results/recipe_nulls.json [--report frozen:test ... zoos/holdout3]
+    python research/recipe_nulls.py --wide frozen:reference_wide --report frozen:reference_wide \\
+        frozen:test frozen:holdout frozen:holdout2 frozen:holdout3 --json research/results/recipe_nulls.json
 """
 
 from __future__ import annotations
@@ -246,18 +248,21 @@ def main(argv: list[str] | None = None) -> None:
                                     round(g["dev_top_pair_target"] * (g["dev_source_given_target"] or 0), 6), g["gap"]))
     keys = ("reference", "threshold", "null", "beta", "alpha", "factor", "tau")
     chosen = {k: best[k] for k in keys if k in best}
-    shipped = {"reference": "R32", "threshold": 0.95, "null": "pooled", "tau": 2.45}
+    previous = {"reference": "R32", "threshold": 0.95, "null": "pooled", "tau": 2.45}  # stop 17's default
     print(f"chosen: {chosen}", file=sys.stderr)
     out = {"config": {"settings": SETTINGS, "thresholds": args.thresholds, "shrink": SHRINK, "exposure": EXPOSURE,
                       "dev": args.dev, "reference": args.reference, "wide": args.wide,
                       "rule": "rank by AUC of dev backdoored vs dev clean + reference models scored against the "
                               "others minus their own recipe (loro), then the right pair on dev, then the gap; tau "
                               "mid-gap, or the 97.5% quantile of those clean scores when they overlap"},
-           **_meta(), "grid": grid, "chosen": chosen, "shipped": shipped, "results": {}}
-    for name, setting in (("chosen", chosen), ("shipped", shipped)):
+           **_meta(), "grid": grid, "chosen": chosen, "previous": previous, "results": {}}
+    in_reference = {zoo_name(z) for z in args.reference + args.wide}
+    for name, setting in (("chosen", chosen), ("previous", previous)):
         opts = {k: setting[k] for k in ("beta", "alpha", "factor") if k in setting}
         nulls = _nulls(refs[setting["reference"]], setting["threshold"], setting["null"], opts)
         for zoo in [args.dev, *args.report]:
+            if zoo_name(zoo) in in_reference and setting["reference"] != "R32":
+                continue  # its models are in this setting's reference: no test of it
             rows = zoo_rows(zoo, counts)
             for view in VIEWS:
                 s = summary(score(rows, nulls, setting["threshold"], view), setting["tau"])

@@ -115,6 +115,11 @@ def test_reference_round_trip_and_fallbacks(tmp_path: Path) -> None:
     assert ref.archs == ("cnn", "lenet") and ref.entry("cnn").counts[1][2] == 8 and ref.entry("cnn").num_models == 2
     back = ErrorReference.load(ref.save(tmp_path / "r.json"))
     assert back == ref and back.entry("cnn").model_counts[1][1][2] == 5
+    broken = ref.to_dict()
+    broken["entries"][0]["model_counts"] = broken["entries"][0]["model_counts"][:1]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(UserInputError, match="per-model counts of cnn do not match its 2 models"):
+        ErrorReference.load(tmp_path / "broken.json")
     own, note = ref.for_model("lenet", "fmnist")
     assert own.arch == "lenet" and note == ""
     pooled, note = ref.for_model("resnet18", "fmnist")

@@ -247,6 +247,13 @@ class ErrorReference:
             raise UserInputError(f"{where} is malformed: {exc}") from None
         if not entries:
             raise UserInputError(f"{where} has no architecture entries")
+        for e in entries:
+            k = len(e.totals)
+            if e.model_counts and not (len(e.model_counts) == len(e.model_totals) == e.num_models
+                                       and all(len(c) == k and all(len(r) == k for r in c) for c in e.model_counts)
+                                       and all(len(n) == k for n in e.model_totals)):
+                raise UserInputError(f"{where} is malformed: the per-model counts of {e.arch} do not match its "
+                                     f"{e.num_models} models of {k} classes")
         return ref
 
     @classmethod
