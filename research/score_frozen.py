@@ -6,7 +6,7 @@ those are committed for every zoo model (`research/results/error_counts.jsonl`, 
 the product's own `confident_errors`). This scores them with the product's own verdict
 (`detect_errors` against the shipped reference, default settings), labels and tables
 (`zoo/score.py`: `_annotate`, `group_score`, `breakdown`), so its numbers are those `soda zoo
-score` prints on the built zoo (checked on holdout3, built here: `--check DIR`). It also
+score` prints on the built zoo (compared with `soda zoo score` on holdout3, built here). It also
 fits the calibration on one zoo (`--calibrate-on`, as `soda zoo calibrate`) and measures it
 on the others (log loss and Brier of P(backdoor), as `soda zoo score --calibration`).
 
@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -65,8 +66,10 @@ def main() -> None:
 
         name = zoo_name(args.calibrate_on)
         key = settings_key(DetectionConfig(), None, shipped_reference())
-        cal = fit_calibration(scored[name] if name in scored else score_rows(zoo_rows(args.calibrate_on, counts)),
-                              "soda", zoo=name, zoo_spec=f"zoo/{name}.toml", detector_settings=key,
+        rows = scored[name] if name in scored else score_rows(zoo_rows(args.calibrate_on, counts))
+        spec = {"name": name, "path": f"zoo/{name}.toml",  # as `soda zoo calibrate` records it
+                "hash": hashlib.sha256(json.dumps(sorted(r["key"] for r in rows)).encode()).hexdigest()[:16]}
+        cal = fit_calibration(rows, "soda", zoo=name, zoo_spec=spec, detector_settings=key,
                               settings={"layer": None, "detector_config": asdict(DetectionConfig()),
                                         "reference": shipped_reference().provenance},
                               torch=torch.__version__, commit=_meta()["commit"])
