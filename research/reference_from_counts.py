@@ -23,9 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from error_detector import _meta, _read  # noqa: E402
-from frozen_zoo import frozen_rows  # noqa: E402
+from frozen_zoo import ROOT, frozen_rows  # noqa: E402
 
 from soda_backdoor.detection.errors import ErrorCounts, ErrorReference, build_reference  # noqa: E402
+from soda_backdoor.zoo.spec import load_zoo_spec  # noqa: E402
 
 
 def reference(zoos: list[str], counts: dict, threshold: float) -> ErrorReference:
@@ -36,11 +37,16 @@ def reference(zoos: list[str], counts: dict, threshold: float) -> ErrorReference
         d = r["c"][f"all@{threshold}"]
         models.append((ErrorCounts(tuple(map(tuple, d["counts"])), tuple(d["totals"]), threshold), r["arch"],
                        f"{z}/{r['key']}"))
+    # the clean models of the specs that frozen_rows left out (training failed)
+    kept = {(z, r["key"]) for z, r in rows}
+    failed = sorted(f"{z}/{e.key}" for z in zoos for e in load_zoo_spec(ROOT / "zoo" / f"{z}.toml").entries
+                    if e.clean and (z, e.key) not in kept)
     meta = _meta()
     provenance = {"zoos": sorted(set(zoos)), "num_models": len(rows),
                   "models_hash": hashlib.sha256(json.dumps([r["key"] for _, r in rows]).encode()).hexdigest()[:16],
                   "commit": meta["commit"], "torch": sorted({r["c"]["torch"] for _, r in rows}) [0],
-                  "machine": meta["machine"], "counted_from": "research/results/error_counts.jsonl"}
+                  "machine": meta["machine"], "left_out_failed_training": failed,
+                  "counted_from": "research/results/error_counts.jsonl"}
     return build_reference(models, "fmnist", provenance)
 
 

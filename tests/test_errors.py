@@ -163,6 +163,7 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     ref = ErrorReference.load(ref_path)
     assert ref.threshold == 0.5 and ref.archs == ("lenet",) and ref.entries[0].totals == (20,) * 10
     assert ref.provenance["zoos"] == ["zoo"] and ref.provenance["num_models"] == 1
+    assert ref.provenance["left_out_failed_training"] == []
     # a clean model whose training failed is left out (here the only one: no reference)
     failed = tmp_path / "failed"
     failed.mkdir()

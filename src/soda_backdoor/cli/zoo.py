@@ -260,6 +260,9 @@ def _cmd_zoo_reference(args) -> int:
     for e in ref.entries:
         n = sum(map(sum, e.counts))
         print(f"  {e.arch}: {e.num_models} clean model(s), {n} confident errors in {sum(e.totals)} samples")
+    failed = ref.provenance.get("left_out_failed_training", [])
+    if failed:
+        print(f"  left out: {len(failed)} clean model(s) whose training failed (accuracy < 0.5): {', '.join(failed)}")
     print(f"-> {args.out}")
     return 0
 

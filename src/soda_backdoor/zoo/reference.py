@@ -54,7 +54,8 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
         on_model: called with each finished row, done and total.
     """
     check_threshold(threshold)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     for d in zoo_dirs:
         root = Path(d)
         manifest = read_manifest(root)
@@ -62,8 +63,10 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
             raise UserInputError(f"{root} holds no built zoo ({root / 'manifest.jsonl'} is missing or empty)")
         # a clean model whose training failed (it answers one class) is no evidence of what clean
         # models do: left out, as `soda zoo score` leaves it out
-        rows += [{**r, "path": str(root / r["file"]), "zoo": root.name} for r in manifest.values()
-                 if r["attack"] == "none" and r.get("acc", 1.0) >= MIN_ACC]
+        clean = [{**r, "path": str(root / r["file"]), "zoo": root.name} for r in manifest.values()
+                 if r["attack"] == "none"]
+        rows += [r for r in clean if r.get("acc", 1.0) >= MIN_ACC]
+        failed += [f"{root.name}/{r['key']}" for r in clean if r.get("acc", 1.0) < MIN_ACC]
     if not rows:
         raise UserInputError(f"the zoos hold no clean model whose training worked (accuracy >= {MIN_ACC}); "
                              "a reference is made of clean models")
@@ -85,7 +88,8 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
 
     provenance = {"zoos": sorted({r["zoo"] for r in rows}), "num_models": len(rows),
                   "models_hash": hashlib.sha256(json.dumps([t["key"] for t, _ in done]).encode()).hexdigest()[:16],
-                  "commit": source_commit(), "torch": torch.__version__, "machine": platform.machine()}
+                  "commit": source_commit(), "torch": torch.__version__, "machine": platform.machine(),
+                  "left_out_failed_training": failed}
     return build_reference([(ErrorCounts(tuple(map(tuple, r["counts"])), tuple(r["totals"]), threshold),
                              canonical_arch(t["arch"]),
                              f"{t['zoo']}/{t['key']}") for t, r in done], datasets[0], provenance)
