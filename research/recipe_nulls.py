@@ -59,16 +59,13 @@ from soda_backdoor.detection.errors import pair_dispersion  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from error_detector import VIEWS, _meta, _read, _recipe  # noqa: E402
+from error_null_variants import _arr  # noqa: E402
+from error_null_variants import score as score_models  # noqa: E402
 from frozen_zoo import zoo_name, zoo_rows  # noqa: E402
 
 LOG10 = math.log(10)
 SHRINK = 8.0
 EXPOSURE = 20.0
-
-
-def _arr(row: dict, thr: float, view: str = "all") -> tuple[np.ndarray, np.ndarray]:
-    d = row["c"][f"{view}@{thr}"]
-    return np.asarray(d["counts"], float), np.asarray(d["totals"], float)
 
 
 def _factor(n: np.ndarray, lam: np.ndarray) -> np.ndarray:
@@ -151,16 +148,8 @@ def _nulls(refs: list[dict], thr: float, kind: str, opts: dict) -> dict[str, Nul
 
 
 def score(rows: list[dict], nulls: dict[str, Null], thr: float, view: str = "all") -> list[dict]:
-    out = []
-    for r in rows:
-        e = nulls[r["arch"]].evidence(*_arr(r, thr, view))
-        top = divmod(int(e.argmax()), e.shape[0])
-        bad = r["role"] == "backdoored"
-        out.append({"key": r["key"], "arch": r["arch"], "attack": r["attack"], "backdoored": bad,
-                    "score": float(e.max()), "top_pair": list(top),
-                    "target_found": bool(bad and top[1] == r["target"]),
-                    "source_found": bool(bad and top == (r["source"], r["target"]))})
-    return out
+    """Every model of ``rows`` against its arch's null (the second round's scoring)."""
+    return score_models(rows, nulls, thr, view)["models"]
 
 
 def loro(refs: list[dict], thr: float, kind: str, opts: dict) -> list[dict]:
