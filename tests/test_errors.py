@@ -181,6 +181,12 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     assert res["note"] == "" and res["errors"]["counts"]["threshold"] == 0.5
     assert res["backdoor"] == bool(res["pairs"]) and "weight_profile" in res
     assert "confident errors (softmax >= 0.5)" in capsys.readouterr().out
+    assert res["errors"]["config"]["null"] == "nbpair"
+    assert main(["detect", "--model", str(model), "--reference", str(ref_path), "--errors-null", "poisson",
+                 "--tau-errors", "2.45", *data]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["errors"]["config"]["null"] == "poisson" and res["errors"]["config"]["tau"] == 2.45
+    assert "Poisson null" in capsys.readouterr().out
 
     cnn = save_cnn(tmp_path / "cnn.safetensors")  # an architecture the reference does not have
     assert main(["detect", "--model", str(cnn), "--reference", str(ref_path), *data]) == 0

@@ -57,6 +57,28 @@ def describe_error(exc: BaseException) -> str:
 def _init_worker(threads: int, shared: Any = None) -> None:
     _SHARED["local"] = shared
     _set_threads(threads)
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the process that started it ends.
+
+    A parent killed by a signal (SIGTERM, SIGKILL) runs no clean-up, and its pool's workers
+    would go on training for nobody. A daemon thread waits on the parent's sentinel instead.
+    """
+    import os
+    import threading
+    from multiprocessing.connection import wait as wait_for
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait_for([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="soda-parent-watch", daemon=True).start()
 
 
 def _set_threads(threads: int) -> None:

@@ -95,7 +95,11 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                         "a reference of clean models) or weights (the weight profile and a source rule, as the "
                         "study); see docs/detection.md")
     g.add_argument("--tau-errors", type=float, default=None,
-                   help="confident-error evidence (-log10 p) above which a pair is flagged (default 2.99)")
+                   help="confident-error evidence (-log10 p) above which a pair is flagged (default 2.99, "
+                        "chosen for the nbpair null; 2.45 was the poisson null's)")
+    g.add_argument("--errors-null", default=None, choices=["nbpair", "poisson"],
+                   help="null of a pair's confident-error count: nbpair (default: negative binomial with the "
+                        "pair's spread over the reference models) or poisson; docs/detection.md")
     g.add_argument("--reference", default=None, help="a confident-error reference from `soda zoo reference` "
                    "(default: the shipped one, cnn and lenet on fmnist)")
 
@@ -293,8 +297,9 @@ def _detection_config(args):
     base = DetectionConfig()
     attribution = build_config(AttributionConfig, {"num_samples": "--num-samples", "chunk_size": "--chunk-size"},
                          num_samples=args.num_samples, chunk_size=args.chunk_size)
-    errors = build_config(ErrorConfig, {"tau": "--tau-errors"},
-                          tau=base.errors.tau if args.tau_errors is None else args.tau_errors)
+    errors = build_config(ErrorConfig, {"tau": "--tau-errors", "null": "--errors-null"},
+                          tau=base.errors.tau if args.tau_errors is None else args.tau_errors,
+                          null=args.errors_null or base.errors.null)
     return build_config(DetectionConfig, {"tau_target": "--tau-target", "tau_source": "--tau-source",
                                     "source_rule": "--source-rule", "evidence": "--evidence"},
                   tau_target=base.tau_target if args.tau_target is None else args.tau_target,

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UserInputError
 from ..utils import write_atomic
 from . import plots
-from .text import class_label
+from .text import class_label, null_name
 
 
 
@@ -170,8 +170,7 @@ def render_report(run_dir: str | Path) -> Path:
             f"<p>Test samples of each class that the model gives another class with softmax &gt;= "
             f"{err['counts']['threshold']:g}, against the clean reference models {html.escape(err['reference'])} "
             + ("(negative binomial null with each pair's spread over the reference models"
-               if err["config"].get("null") == "nbpair" and "no per-model counts" not in err.get("note", "")
-               else "(Poisson null") + f", prior {err['config']['prior']:g}"
+               if null_name(err) != "Poisson" else "(Poisson null") + f", prior {err['config']['prior']:g}"
             + (f", scaled by the model's confidence factor ({err['config']['exposure']:g} pseudo-errors)"
                if err["config"].get("exposure") is not None else "")
             + "); docs/detection.md.</p>")

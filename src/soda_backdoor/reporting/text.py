@@ -63,12 +63,20 @@ def format_detection(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def null_name(err: dict[str, Any]) -> str:
+    """The null the evidence was computed under: ``nbpair`` falls back to Poisson for a reference
+    without per-model counts (``ErrorDetection.to_dict()``)."""
+    nb = err["config"].get("null") == "nbpair" and "no per-model counts" not in err.get("note", "")
+    return "negative binomial (per pair)" if nb else "Poisson"
+
+
 def format_errors(err: dict[str, Any], names: Sequence[str], probs: Sequence[float] = ()) -> list[str]:
     """The confident-error evidence per target class (``ErrorDetection.to_dict()``)."""
     c = err["counts"]
     flagged = {p["target"] for p in err["pairs"]}
     lines = [f"confident errors (softmax >= {c['threshold']:g}) on {sum(c['totals'])} test samples, against the "
-             f"reference {err['reference']}; the verdict rests on them (threshold {err['config']['tau']:g}):",
+             f"reference {err['reference']}, {null_name(err)} null; the verdict rests on them "
+             f"(threshold {err['config']['tau']:g}):",
              f"{'target':<18}{'from source':<18}{'errors':>7}{'evidence':>10}" + (f"{'P(target)':>11}" if probs else "")]
     ev = err["evidence"]
     for t in range(len(ev)):
