@@ -11,6 +11,7 @@ import pytest
 from soda_backdoor.cli.main import main
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.zoo import build_zoo, label_rows, load_zoo_spec, read_manifest, with_twins
+from soda_backdoor.zoo.build import read_jsonl
 
 
 def _tiny_zoo_files(tmp_path: Path, attacks: str = '["patch"]', recipe: str = "epochs = 1") -> Path:
@@ -167,6 +168,16 @@ def test_zoo_repair_runs_each_method_and_resumes(tmp_path: Path, capsys) -> None
     assert row["detected"] == [rows["patch"]["source"], rows["patch"]["target"]] and row["repaired"]
     assert len((out / "repairs" / "results-seed0-given.jsonl").read_text().splitlines()) == 1
     assert main(["zoo", "repair", str(out), "--repair-option", "nope=1"]) == 2
+    # `soda audit --repair` on the same model: detect, then reconstruct and repair the first flagged
+    # pair in the worker, on the data the worker already holds (tau 0: the strongest pair is flagged).
+    audit = tmp_path / "audit"
+    assert main(["audit", str(out / rows["patch"]["file"]), "--dataset", "fmnist", "--data-dir",
+                 str(tmp_path / "tiny.npz"), "--attack-file", str(tmp_path / "attacks.json"), "--out", str(audit),
+                 "--repair", "--tau-errors", "0", "--recon-steps", "300", "--quiet"]) == 0
+    (arow,) = read_jsonl(audit / "audit.jsonl").values()
+    assert arow["error"] == "" and arow["pairs"] and "error" not in arow["repair"], arow
+    assert Path(arow["repair"]["model"]).is_file()
+    assert arow["repair"]["asr_before"] == pytest.approx(rows["patch"]["asr"])
 
 
 def test_repair_cli_baseline_method(tmp_path: Path, capsys) -> None:

@@ -72,14 +72,16 @@ def detect_in_context(path: str, ctx: DataContext, config: DetectionConfig, laye
     return out
 
 
-def repair_pair(path: str, dataset: str, data_dir: str | None, attack: str | None, attack_file: str | None,
-                source: int, target: int, out_dir: Path, recon: ReconstructionConfig, repair_config: RepairConfig,
-                device: torch.device, seed: int = 0, arch: str | None = None,
+def repair_pair(path: str, ctx: DataContext, source: int, target: int, out_dir: Path, recon: ReconstructionConfig,
+                repair_config: RepairConfig, device: torch.device, seed: int = 0, arch: str | None = None,
                 layer: str | None = None) -> dict[str, Any]:
-    """`soda reconstruct` then `soda repair` for one flagged pair; files go to ``out_dir``."""
+    """`soda reconstruct` then `soda repair` for one flagged pair; files go to ``out_dir``.
+
+    ``ctx`` is the worker's data context of the detection (the dataset it already holds, from
+    disk or Ray's object store); the two steps divide it with their own seeds, as the commands do.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = attack_for(path, attack, attack_file)
-    ctx = load_context(dataset, data_dir, name, attack_file, seed)
+    ctx = DataContext.build(ctx.data, ctx.attack, seed)
     loaded = open_model(path, ctx.data, device, arch)
     rec = reconstruct(loaded, ctx, source, target, recon, device, seed)
     samples = out_dir / f"samples-{source}-{target}.npz"
@@ -87,7 +89,7 @@ def repair_pair(path: str, dataset: str, data_dir: str | None, attack: str | Non
     if rec.reconstruction.kept < 2:
         raise UserInputError(f"reconstruction kept {rec.reconstruction.kept} sample(s) for {source} -> {target}; "
                              "repair needs at least 2")
-    ctx = load_context(dataset, data_dir, name, attack_file, repair_config.seed)
+    ctx = DataContext.build(ctx.data, ctx.attack, repair_config.seed)
     rep = repair(loaded, ctx, source, target, SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint),
                  repair_config, layer, device)
     save_model(out_dir / "repaired.safetensors", rep.model.module, rep.model.meta)

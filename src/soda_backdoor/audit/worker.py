@@ -125,9 +125,9 @@ def audit_model(task: AuditTask, datasets: dict[tuple[str, str], Any] | None = N
         pair = detect["pairs"][0]
         t0 = time.perf_counter()
         try:
-            out["repair"] = repair_pair(task.path, task.dataset, task.data_dir, task.attack, task.attack_file,
-                                        pair["source"], pair["target"], Path(task.repair_dir), task.reconstruction,
-                                        task.repair_config, device, task.seed, task.arch, task.layer)
+            out["repair"] = repair_pair(task.path, ctx, pair["source"], pair["target"], Path(task.repair_dir),
+                                        task.reconstruction, task.repair_config, device, task.seed, task.arch,
+                                        task.layer)
         except Exception as exc:  # noqa: BLE001 - a failed repair keeps the detection
             logger.debug("repair failed", exc_info=True)
             out["repair"] = {"error": describe_error(exc)}
