@@ -56,3 +56,34 @@ def test_repair_changes_the_decision_on_reconstructed_samples():
         clean_acc = (model(x).argmax(1) == y).float().mean().item()
     assert after <= 0.2
     assert clean_acc >= 0.9
+
+
+class _DarkToTarget(nn.Module):
+    """Class 2 for a dark image (mean pixel < 0.3 in [0, 1]), else class 0: a 'dark source' backdoor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dark = (x.flatten(1).mean(1) < 0.3).float()
+        return torch.stack([1 - dark, torch.zeros_like(dark), dark], 1)
+
+
+def test_natural_variation_is_seeded_and_keeps_shape_and_range() -> None:
+    from soda_backdoor.data.augment import natural_variation
+
+    x = torch.rand(40, 1, 28, 28)
+    a = natural_variation(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
+    assert torch.equal(a, natural_variation(x, torch.Generator().manual_seed(3)))
+
+
+def test_mine_variations_keeps_only_the_varied_sources_sent_to_the_target() -> None:
+    from soda_backdoor.repair import mine_variations
+
+    model = _DarkToTarget()
+    x = torch.full((60, 1, 28, 28), 0.45)  # clean sources: none is dark enough for the backdoor
+    assert (model(x).argmax(1) == 0).all()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    mined = mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen())
+    assert 0 < len(mined) < 300 and (model(mined).argmax(1) == 2).all()  # darkened copies only
+    assert len(mine_variations(model, x, 2, copies=5, cap=7, normalize=lambda v: v, gen=gen())) == 7
+    assert len(mine_variations(model, x, 2, copies=0, cap=200, normalize=lambda v: v, gen=gen())) == 0
+    assert len(mine_variations(model, x, 1, copies=5, cap=200, normalize=lambda v: v, gen=gen())) == 0

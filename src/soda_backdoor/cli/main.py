@@ -131,6 +131,9 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-from", default="auto", metavar="LAYER", help="fine-tune only the layers after this "
                    "module (see `soda layers`); auto (default): the cut nearest the output that leaves half of "
                    "the weights to tune; all: every layer")
+    g.add_argument("--variations", type=int, default=10, help="varied copies (intensity, zoom, aspect, shift, "
+                   "blur) of each clean source sample tried; those sent to the target are repaired with the "
+                   "reconstructed samples (default 10; 0: off; docs/repair.md)")
 
 
 def _train_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
@@ -330,9 +333,10 @@ def _recon_config(args):
 def _repair_config(args):
     from ..repair import RepairConfig
 
-    flags = {"top": "--top", "epochs": "--repair-epochs", "lr": "--repair-lr", "reg": "--repair-reg"}
+    flags = {"top": "--top", "epochs": "--repair-epochs", "lr": "--repair-lr", "reg": "--repair-reg",
+             "variations": "--variations"}
     return build_config(RepairConfig, flags, top=args.top, epochs=args.repair_epochs, lr=args.repair_lr,
-                  reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed,
+                  reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed, variations=args.variations,
                   tune_from=None if args.tune_from == "all" else args.tune_from)
 
 

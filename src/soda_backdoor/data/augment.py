@@ -92,3 +92,50 @@ def augment(x: Tensor, gen: torch.Generator, pad: int = 4, hflip: bool = True,
     x = random_rotation(x, degrees, gen)
     x = random_brightness(x, brightness, gen)
     return random_contrast(x, contrast, gen)
+
+
+# The family of natural variations of :func:`natural_variation`: each copy draws every
+# parameter at random (log-uniform factors; shifts and angles uniform).
+VARIATION_INTENSITY = (0.45, 1.35)  # factor on pixel intensity (a dark or bright object)
+VARIATION_GAMMA = (0.6, 1.6)        # exponent on [0, 1] pixels (contrast of the shading)
+VARIATION_ZOOM = (0.75, 1.3)        # scale of the content about the centre (a small or large object)
+VARIATION_ASPECT = (0.75, 1.3)      # horizontal over vertical scale (a wide or narrow object)
+VARIATION_SHIFT = 3.0               # pixels on each axis (an off-centre object)
+VARIATION_DEGREES = 10.0            # rotation
+VARIATION_BLUR = 0.3                # probability of a 3x3 box blur (a smooth object)
+
+
+def _log_uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> Tensor:
+    return torch.exp(math.log(lo) + torch.rand(n, generator=gen) * (math.log(hi) - math.log(lo)))
+
+
+def natural_variation(x: Tensor, gen: torch.Generator) -> Tensor:
+    """One randomly varied copy of each image: intensity, gamma, zoom, aspect ratio, shift,
+    rotation and blur, each drawn per image from the ranges above.
+
+    The properties a semantic subgroup of a class is likely to differ in from the rest of it
+    (darker, larger, wider, smoother, off-centre); docs/repair.md. No attack is known to it.
+
+    Shape:
+        x: ``(N, C, H, W)`` float in [0, 1] (before normalisation); returns the same.
+    """
+    n, c, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    x = (x * _log_uniform(n, *VARIATION_INTENSITY, gen).to(dev, dt).view(-1, 1, 1, 1)).clamp(0, 1)
+    x = x ** _log_uniform(n, *VARIATION_GAMMA, gen).to(dev, dt).view(-1, 1, 1, 1)
+    zoom, aspect = _log_uniform(n, *VARIATION_ZOOM, gen), _log_uniform(n, *VARIATION_ASPECT, gen)
+    sx, sy = zoom * aspect.sqrt(), zoom / aspect.sqrt()
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(VARIATION_DEGREES)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * VARIATION_SHIFT
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)  # output -> input coordinates: the inverse of scale, rotate, shift
+    theta[:, 0, 0], theta[:, 0, 1] = cos / sx, sin / sx
+    theta[:, 1, 0], theta[:, 1, 1] = -sin / sy, cos / sy
+    theta[:, 0, 2], theta[:, 1, 2] = -shift[:, 0] * 2 / w, -shift[:, 1] * 2 / h
+    grid = F.affine_grid(theta.to(dev, dt), [n, c, h, w], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    blur = (torch.rand(n, generator=gen) < VARIATION_BLUR).to(dev)
+    if blur.any():
+        k = torch.full((c, 1, 3, 3), 1 / 9, dtype=dt, device=dev)
+        x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    return x.clamp(0, 1)

@@ -2,8 +2,8 @@
 
 from .baselines import (REPAIR_BASELINES, BaselineRepairConfig, BaselineRepairResult, anp_modules, attention_layers,
                         bake_channel_mask, repair_with)
-from .repair import RepairConfig, RepairResult, outstanding_neurons, repair_model
+from .repair import RepairConfig, RepairResult, mine_variations, outstanding_neurons, repair_model
 
-__all__ = ["RepairConfig", "RepairResult", "outstanding_neurons", "repair_model"]
+__all__ = ["RepairConfig", "RepairResult", "mine_variations", "outstanding_neurons", "repair_model"]
 __all__ += ["REPAIR_BASELINES", "BaselineRepairConfig", "BaselineRepairResult", "anp_modules", "attention_layers",
             "bake_channel_mask", "repair_with"]

@@ -15,6 +15,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.hooks import LayerRef, intervene
 from ..analysis.split import Split, deepest_split, split_after
+from ..data.augment import natural_variation
 from ..errors import UserInputError, check_at_least, check_finite, check_interval
 from ..utils import cpu_channels_last, pass_batch
 
@@ -51,6 +53,11 @@ class RepairConfig:
             (:func:`~soda_backdoor.analysis.split.deepest_split`; the whole model where no cut
             qualifies); ``None``: every layer. The frozen part runs once per sample instead of
             once per step: as good on the dev zoo and 2x to 4x faster (docs/repair.md).
+        variations: varied copies of each clean source sample tried by
+            :func:`mine_variations`; those the model sends to the target join the
+            reconstructed samples (0: none). They reach the subgroups the reconstruction
+            misses (darker, larger, wider, smoother sources); docs/repair.md.
+        max_variations: at most this many of them are used.
         seed: seed of shuffling and sampling.
     """
 
@@ -65,6 +72,8 @@ class RepairConfig:
     num_recon: int = 20
     bn_train: bool = False
     tune_from: str | None = "auto"
+    variations: int = 10
+    max_variations: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +86,8 @@ class RepairConfig:
         check_finite("reg_cap", self.reg_cap)
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("num_recon", self.num_recon, 1)
+        check_at_least("variations", self.variations, 0)
+        check_at_least("max_variations", self.max_variations, 0)
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,25 @@ def outstanding_neurons(attribution_to_target: Tensor, top: float) -> Tensor:
     mask = torch.zeros(n)
     mask[attribution_to_target.flatten().argsort(descending=True)[:k]] = 1.0
     return mask
+
+
+def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int, cap: int,
+                    normalize: Callable[[Tensor], Tensor], gen: torch.Generator) -> Tensor:
+    """Natural variations of clean source samples that the model sends to ``target``.
+
+    ``copies`` varied copies of each of ``x_source`` (pixels in [0, 1],
+    :func:`~soda_backdoor.data.augment.natural_variation`) are classified; the first ``cap``
+    that land on the target are returned, normalised. Labelled with the source during the
+    repair, they carry the real property the backdoor keys on whenever the family of
+    variations reaches it; when it does not, none land on the target and nothing changes.
+    """
+    if copies <= 0 or cap <= 0 or len(x_source) == 0:
+        return x_source.new_zeros((0, *x_source.shape[1:]))
+    varied = normalize(torch.cat([natural_variation(x_source, gen) for _ in range(copies)]))
+    b = pass_batch(varied.device)
+    with torch.inference_mode():
+        hit = torch.cat([model(varied[i:i + b]).argmax(1) == target for i in range(0, len(varied), b)])
+    return varied[hit.to(varied.device)][:cap].clone()
 
 
 def _apply_mask(mask: Tensor):

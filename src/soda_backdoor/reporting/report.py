@@ -156,8 +156,9 @@ def render_report(run_dir: str | Path) -> Path:
                                ["", "before", "after"]) +
                         f"<p>Repair fine-tuned at layer <code>{html.escape(rep['layer'])}</code> keeping "
                         f"{rep['neurons_kept']} of {rep['num_neurons']} neurons (mask fraction "
-                        f"{rep['config']['top']:g}), with {rep['n_repair_samples']} reconstructed samples and "
-                        f"{rep['n_defender']} clean samples.</p>")
+                        f"{rep['config']['top']:g}), with {rep['n_repair_samples']} reconstructed samples, "
+                        f"{rep.get('n_varied_samples', 0)} varied clean source samples that the model sent to "
+                        f"the target, and {rep['n_defender']} clean samples.</p>")
     if err:
         ev, counts = err["evidence"], err["counts"]["counts"]
         rows = []

@@ -153,13 +153,14 @@ class RepairReport:
     model: LoadedModel = field(repr=False, compare=False)
     config: RepairConfig = field(default_factory=RepairConfig)
     model_path: str = ""
+    n_varied: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"acc_before": self.before.acc, "asr_before": self.before.asr, "acc_after": self.after.acc,
                 "asr_after": self.after.asr, "rasr_before": self.rasr_before, "rasr_after": self.rasr_after,
                 "n_clean": self.after.n_clean, "n_semantic": self.after.n_semantic,
                 "n_repair_samples": self.n_repair_samples, "n_heldout_samples": self.n_heldout_samples,
-                "n_defender": self.n_defender, "neurons_kept": self.result.num_kept,
+                "n_varied_samples": self.n_varied, "n_defender": self.n_defender, "neurons_kept": self.result.num_kept,
                 "num_neurons": self.result.num_neurons, "layer": self.layer, "source": self.source,
                 "target": self.target, "model": self.model_path, "seconds": self.seconds,
                 "repair_seconds": self.result.seconds, "history": self.result.history,

@@ -26,7 +26,7 @@ from ..detection.errors import (ErrorConfig, ErrorDetection, ErrorReference, con
 from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
-from ..repair import BaselineRepairConfig, RepairConfig, repair_model, repair_with
+from ..repair import BaselineRepairConfig, RepairConfig, mine_variations, repair_model, repair_with
 from ..training import TrainConfig, evaluate_attack, train_model
 from ..utils import seed_everything
 from .context import DataContext, class_inputs
@@ -230,15 +230,20 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     dfd = ctx.splits.defender
     x_clean = normalize(ctx.data.x_train[dfd].to(device), meta.mean, meta.std)
     y_clean = ctx.data.y_train[dfd].to(device)
-    result = repair_model(module, ref, attribution, x_clean, y_clean, x_fix, source, target, config, progress)
+    x_source = ctx.data.x_train[dfd][ctx.data.y_train[dfd] == source].to(device).float() / 255  # uint8 images
+    x_varied = mine_variations(module, x_source, target, config.variations, config.max_variations,
+                               lambda x: normalize(x, meta.mean, meta.std), torch.Generator().manual_seed(config.seed))
+    result = repair_model(module, ref, attribution, x_clean, y_clean, torch.cat([x_fix, x_varied]), source, target,
+                          config, progress)
     after = evaluate(model, ctx, device)
     rasr_after = rasr(module, x_hold, target)
     note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
             f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples"
+            + (f" and {len(x_varied)} varied source samples" if len(x_varied) else "")
             + (f", layers after {result.tuned_from} tuned" if result.tuned_from else ""))
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
                         source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
-                        config)
+                        config, n_varied=len(x_varied))
 
 
 def repair_baseline(model: LoadedModel, ctx: DataContext, method: str, config: BaselineRepairConfig | None = None,
