@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_probe import run_probe, summarize, write_record  # noqa: E402
+from repair_probe import run_probe, summaries, write_record  # noqa: E402
 
 # The family of natural variations: every copy draws each parameter at random.
 INTENSITY = (0.45, 1.35)   # log-uniform factor on pixel intensity (FMNIST's background is 0)
@@ -154,12 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows = run_probe(args.zoos, [{"variant": v} for v in args.variants], _one, args.jobs,
                      lambda x: f"{x['variant']} (pool {x['pool']}, {x['epochs']} epochs, {x['seconds']:.1f}s)")
-    summary = {}
-    for z in sorted({r["zoo"] for r in rows}):
-        for v in args.variants:
-            mine = [r for r in rows if r["zoo"] == z and r["variant"] == v]
-            if mine:
-                summary[f"{z}/{v}"] = {**summarize(mine), "median_seconds": statistics.median(r["seconds"] for r in mine)}
+    summary = summaries(rows, "variant", args.variants, lambda z, v: f"{z}/{v}",
+                        lambda mine: {"median_seconds": statistics.median(r["seconds"] for r in mine)})
     write_record(args.json, args, summary, rows)
 
 

@@ -26,7 +26,7 @@ import torch
 from soda_backdoor.artifacts import SampleSet
 from soda_backdoor.data import normalize
 
-from repair_probe import run_probe, summarize, write_record  # the probes' shared runner (research/)
+from repair_probe import run_probe, summaries, write_record  # the probes' shared runner (research/)
 
 
 def _one(task: dict) -> dict:
@@ -68,11 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows = run_probe(args.zoos, [{"threshold": t} for t in args.thresholds], _one, args.jobs,
                      lambda x: f"thr {x['threshold']}: mined {x['mined']}")
-    summary = {}
-    for z in sorted({r["zoo"] for r in rows}):
-        for thr in args.thresholds:
-            mine = [r for r in rows if r["zoo"] == z and r["threshold"] == thr]
-            summary[f"{z}@{thr}"] = {**summarize(mine), "median_mined": statistics.median(r["mined"] for r in mine)}
+    summary = summaries(rows, "threshold", args.thresholds, lambda z, t: f"{z}@{t}",
+                        lambda mine: {"median_mined": statistics.median(r["mined"] for r in mine)})
     write_record(args.json, args, summary, rows)
 
 

@@ -116,6 +116,18 @@ def summarize(rows: list[dict]) -> dict:
             "max_loss": max(loss)}
 
 
+def summaries(rows: list[dict], field: str, values: list, label, extra) -> dict:
+    """:func:`summarize` per zoo and per value of ``rows[field]``, keyed ``label(zoo, value)``,
+    with ``extra(rows of that group)`` merged in."""
+    out = {}
+    for z in sorted({r["zoo"] for r in rows}):
+        for v in values:
+            mine = [r for r in rows if r["zoo"] == z and r[field] == v]
+            if mine:
+                out[label(z, v)] = {**summarize(mine), **extra(mine)}
+    return out
+
+
 def write_record(path: str | None, args: argparse.Namespace, summary: dict, rows: list[dict]) -> None:
     """The JSON record: commit, torch, threads, machine, the arguments, the summary and every row."""
     for k, v in summary.items():

@@ -194,7 +194,8 @@ def _add_reconstruct(sub) -> None:
 def _add_repair(sub) -> None:
     p = sub.add_parser("repair", help="remove the backdoor by fine-tuning on reconstructed samples",
                        description="Fine-tune the model on a clean defender subset plus reconstructed samples "
-                                   "pushed away from the target. By default every neuron is tuned (no mask); "
+                                   "and the natural variations of clean source samples that the model sends to "
+                                   "the target (--variations), pushed away from the target. By default every neuron is tuned (no mask); "
                                    "--top < 1 tunes only that fraction of the neurons at --layer. --method picks a "
                                    "baseline defense instead, on the same clean budget (docs/baselines.md).")
     _common(p, model=True)
