@@ -228,9 +228,9 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
             h, _ = activations(module, ref, x_hold[:1])
         attribution = torch.ones(h.shape[1])
     dfd = ctx.splits.defender
-    x_clean = normalize(ctx.data.x_train[dfd].to(device), meta.mean, meta.std)
-    y_clean = ctx.data.y_train[dfd].to(device)
-    x_source = ctx.data.x_train[dfd][ctx.data.y_train[dfd] == source].to(device).float() / 255  # uint8 images
+    x_dfd, y_dfd = ctx.data.x_train[dfd].to(device), ctx.data.y_train[dfd].to(device)
+    x_clean, y_clean = normalize(x_dfd, meta.mean, meta.std), y_dfd
+    x_source = x_dfd[y_dfd == source].float() / 255  # uint8 images
     x_varied = mine_variations(module, x_source, target, config.variations, config.max_variations,
                                lambda x: normalize(x, meta.mean, meta.std), torch.Generator().manual_seed(config.seed))
     result = repair_model(module, ref, attribution, x_clean, y_clean, torch.cat([x_fix, x_varied]), source, target,
