@@ -207,3 +207,18 @@ def test_repair_verdict_says_when_the_repair_is_partial() -> None:
     partial = repair_verdict({**base, "asr_after": 0.5})
     assert partial.startswith("Partial repair: 0.50 of the real semantic test samples") and "0.7 points" in partial
     assert "not measured" in repair_verdict({**base, "asr_after": 0.0, "n_semantic": 0})
+
+
+@pytest.mark.parametrize("roles", [("clean", "clean"), ("clean", "backdoored")])
+def test_roc_plot_without_warnings(tmp_path: Path, roles) -> None:
+    # A zoo of one role has no ROC: the plot says so instead of warning about an empty legend.
+    import warnings
+
+    from soda_backdoor.zoo.score import ZooScore, group_score, plot_roc
+
+    rows = [{"role": r, "score": float(i), "flagged": bool(i), "target_found": bool(i), "source_found": bool(i)}
+            for i, r in enumerate(roles)]
+    score = ZooScore("soda", str(tmp_path / "z"), group_score(rows), {}, rows, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_roc(score, tmp_path / "roc.png").is_file()

@@ -403,11 +403,14 @@ def plot_roc(score: ZooScore, path: str | Path) -> Path:
     if 0 < sum(y) < len(y):
         fpr, tpr, _ = roc_curve(y, [r["score"] for r in rows])
         ax.plot(fpr, tpr, lw=2, label=f"{score.detector}: AUC {score.overall.auc:.3f}")
+        ax.legend(loc="lower right")
+    else:  # one role only: no curve to draw, say why instead of an empty legend
+        ax.text(0.5, 0.5, "no ROC: the zoo needs clean and backdoored models",
+                ha="center", va="center", fontsize=8, transform=ax.transAxes)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set_xlabel("false-positive rate (clean models flagged)")
     ax.set_ylabel("true-positive rate (backdoored models flagged)")
     ax.set_title(f"{Path(score.zoo).name}: {score.overall.n_clean} clean, {score.overall.n_backdoored} backdoored")
-    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
