@@ -216,12 +216,16 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
             assert main([*argv, "--calibration", str(tmp_path / "c.json")]) == 0
         assert any("confident-error scores" in str(w.message) for w in caught) == warns
     # a calibration of the other evidence's scores is refused: its scale is another
+    from soda_backdoor.analysis import AttributionConfig
+
     cal = fit_calibration(_rows({"lenet": (5, 5)}), "soda", settings={"layer": None, "detector_config": {
-        "attribution": {"num_samples": 8}, "evidence": "weights"}})
+        "attribution": asdict(AttributionConfig(num_samples=8)), "evidence": "weights"}})
     save_calibration(tmp_path / "w.json", cal)
     assert main([*argv, "--calibration", str(tmp_path / "w.json")]) == 2
     assert "maps scores of the weights evidence, this detection's verdict uses errors" in capsys.readouterr().err
-    assert main([*argv, "--calibration", str(tmp_path / "w.json"), "--evidence", "weights"]) == 0
+    with warnings.catch_warnings():  # fitted on scores of these very settings: no warning
+        warnings.simplefilter("error")
+        assert main([*argv, "--calibration", str(tmp_path / "w.json"), "--evidence", "weights"]) == 0
     assert main([*argv, "--calibration", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
