@@ -280,3 +280,31 @@ def test_cpu_channels_last_restores_weights_and_keeps_updates():
     assert all(p.data_ptr() == d.data_ptr() for p, d in zip(model.parameters(), originals))
     assert model.features[4].weight.is_contiguous()
     assert torch.equal(model.features[4].weight, expected)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "MobileNetV2", "shufflenetv2"])
+def test_inference_view_folds_batch_norm_and_leaves_the_model(arch):
+    from soda_backdoor.analysis.hooks import intervene, layer_names
+    from soda_backdoor.utils import inference_view
+
+    torch.manual_seed(0)
+    model = create_model(arch, 10, 1, 28).train()
+    for m in model.modules():  # batch norms with statistics of their own, so folding changes weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), inference_view(model) as fast:
+        assert not fast.training
+        folded = not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+        assert folded == (arch != "shufflenetv2")  # shufflenetv2 cannot be traced: it runs as it is
+        assert torch.allclose(fast(x), expected, atol=1e-4)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # a model with an intervention hooked in runs as it is, so the intervention applies
+    ref = parse_layer(model, layer_names(model)[0])
+    with torch.no_grad(), intervene(model, ref, lambda h: h * 0), inference_view(model) as fast:
+        assert fast is model

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -138,6 +140,34 @@ def cpu_channels_last(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         for p, data in zip(params, saved):
             data.copy_(p.data)
             p.data = data
+
+
+@contextmanager
+def inference_view(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module to run passes without gradients through: eval mode, channels-last weights
+    on the CPU, and every batch norm that follows a convolution folded into it.
+
+    The folding is ``torch.fx.experimental.optimization.fuse`` on a traced copy: the same
+    function up to float rounding (about 1e-7), with a third fewer memory-bound passes
+    (MobileNetV2: 1.7x the images per second on this CPU; docs/benchmarks.md). The module
+    itself is used, unfolded, when it has no batch norm, carries forward hooks (an
+    intervention must apply), or cannot be traced. The copy is dropped on exit; ``module``
+    is never changed.
+    """
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    with eval_mode(module):
+        view = module
+        if has_bn and not hooked:
+            with warnings.catch_warnings():  # its imports use torch.jit APIs deprecated in torch 2.x
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torch.fx.experimental.optimization import fuse
+            try:
+                view = fuse(module)  # a copy
+            except Exception as exc:  # noqa: BLE001 - an untraceable model runs unfolded
+                logging.getLogger(__name__).debug("inference without folding: %s", exc)
+        with cpu_channels_last(view):
+            yield view
 
 
 def source_commit() -> str:

@@ -26,7 +26,7 @@ from ..analysis.effects import AttributionConfig, NeuronEffects, compute_neuron_
 from ..analysis.hooks import LayerRef
 from ..analysis.optimize import optimize_batch
 from ..errors import check_at_least, check_choice, check_finite
-from ..utils import cpu_channels_last, eval_mode, frozen, pass_batch
+from ..utils import cpu_channels_last, eval_mode, frozen, inference_view, pass_batch
 from .errors import ErrorConfig
 from .stats import OutlierTest, mad_outliers, pearson
 
@@ -145,10 +145,10 @@ def mean_logits(model: nn.Module, class_inputs: dict[int, Tensor], num_classes: 
                 batch_size: int | None = None) -> Tensor:
     """``E[c, k]``: mean logit k over the clean samples of class c."""
     out = torch.zeros(num_classes, num_classes, dtype=torch.double)
-    with eval_mode(model), cpu_channels_last(model):
+    with inference_view(model) as fast:
         for c, x in class_inputs.items():
             batch_size = batch_size or pass_batch(x.device)
-            parts = [model(x[i:i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)]
+            parts = [fast(x[i:i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)]
             out[c] = torch.cat(parts).mean(0)
     return out
 

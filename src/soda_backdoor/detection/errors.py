@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError, check_finite
-from ..utils import cpu_channels_last, eval_mode, pass_batch
+from ..utils import inference_view, pass_batch
 
 FORMAT = "soda-error-reference/1"
 SHIPPED = "error_reference.json"
@@ -141,9 +141,9 @@ def confident_errors(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, t
     y = y.to(x.device)
     counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=x.device)
     batch_size = batch_size or pass_batch(x.device)
-    with eval_mode(model), cpu_channels_last(model):
+    with inference_view(model) as fast:
         for i in range(0, len(x), batch_size):
-            p = model(x[i:i + batch_size]).float().softmax(1)
+            p = fast(x[i:i + batch_size]).float().softmax(1)
             hit = (p >= threshold).long()
             counts.index_add_(0, y[i:i + batch_size], hit)
     counts.fill_diagonal_(0)

@@ -26,7 +26,7 @@ from ..analysis.hooks import LayerRef, intervene
 from ..analysis.split import Split, deepest_split, split_after
 from ..data.augment import natural_variation
 from ..errors import UserInputError, check_at_least, check_finite, check_interval
-from ..utils import cpu_channels_last, pass_batch
+from ..utils import cpu_channels_last, inference_view, pass_batch
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int
         return x_source.new_zeros((0, *x_source.shape[1:]))
     varied = normalize(torch.cat([natural_variation(x_source, gen) for _ in range(copies)]))
     b = pass_batch(varied.device)
-    with torch.inference_mode():
-        hit = torch.cat([model(varied[i:i + b]).argmax(1) == target for i in range(0, len(varied), b)])
+    with inference_view(model) as fast, torch.inference_mode():
+        hit = torch.cat([fast(varied[i:i + b]).argmax(1) == target for i in range(0, len(varied), b)])
     return varied[hit.to(varied.device)][:cap].clone()
 
 

@@ -23,7 +23,7 @@ from ..data.datasets import Dataset, normalize
 from ..data.attacks import SemanticAttack
 from ..data.splits import Splits
 from ..errors import check_at_least, check_finite, check_interval
-from ..utils import cpu_channels_last, eval_mode, pass_batch
+from ..utils import inference_view, pass_batch
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ def predict(model: nn.Module, x: Tensor, mean: tuple[float, ...], std: tuple[flo
     """
     batch_size = batch_size or pass_batch(device)
     out = []
-    with eval_mode(model), cpu_channels_last(model), torch.inference_mode():
+    with inference_view(model) as fast, torch.inference_mode():
         for i in range(0, len(x), batch_size):
             xb = normalize(x[i:i + batch_size].to(device), mean, std)
-            out.append(model(xb).argmax(1).cpu())
+            out.append(fast(xb).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
