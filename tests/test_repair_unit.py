@@ -87,3 +87,8 @@ def test_mine_variations_keeps_only_the_varied_sources_sent_to_the_target() -> N
     assert len(mine_variations(model, x, 2, copies=5, cap=7, normalize=lambda v: v, gen=gen())) == 7
     assert len(mine_variations(model, x, 2, copies=0, cap=200, normalize=lambda v: v, gen=gen())) == 0
     assert len(mine_variations(model, x, 1, copies=5, cap=200, normalize=lambda v: v, gen=gen())) == 0
+    # with a confidence, only those the target takes with that softmax probability (here 0.58)
+    assert len(mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(),
+                               confidence=0.5)) == len(mined)
+    assert len(mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(),
+                               confidence=0.95)) == 0

@@ -58,6 +58,9 @@ class RepairConfig:
             reconstructed samples (0: none). They reach the subgroups the reconstruction
             misses (darker, larger, wider, smoother sources); docs/repair.md.
         max_variations: at most this many of them are used.
+        variation_confidence: a varied sample counts as sent to the target when the target is
+            its top class and, above 0, its softmax probability reaches this (0: the top
+            class alone).
         seed: seed of shuffling and sampling.
     """
 
@@ -74,6 +77,7 @@ class RepairConfig:
     tune_from: str | None = "auto"
     variations: int = 10
     max_variations: int = 200
+    variation_confidence: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +92,7 @@ class RepairConfig:
         check_at_least("num_recon", self.num_recon, 1)
         check_at_least("variations", self.variations, 0)
         check_at_least("max_variations", self.max_variations, 0)
+        check_interval("variation_confidence", self.variation_confidence, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -118,12 +123,14 @@ def outstanding_neurons(attribution_to_target: Tensor, top: float) -> Tensor:
 
 
 def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int, cap: int,
-                    normalize: Callable[[Tensor], Tensor], gen: torch.Generator) -> Tensor:
+                    normalize: Callable[[Tensor], Tensor], gen: torch.Generator,
+                    confidence: float = 0.0) -> Tensor:
     """Natural variations of clean source samples that the model sends to ``target``.
 
     ``copies`` varied copies of each of ``x_source`` (pixels in [0, 1],
     :func:`~soda_backdoor.data.augment.natural_variation`) are classified; the first ``cap``
-    that land on the target are returned, normalised. Labelled with the source during the
+    that land on the target (its top class, with at least ``confidence`` of softmax
+    probability) are returned, normalised. Labelled with the source during the
     repair, they carry the real property the backdoor keys on whenever the family of
     variations reaches it; when it does not, none land on the target and nothing changes.
     """
@@ -132,7 +139,8 @@ def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int
     varied = normalize(torch.cat([natural_variation(x_source, gen) for _ in range(copies)]))
     b = pass_batch(varied.device)
     with inference_view(model) as fast, torch.inference_mode():
-        hit = torch.cat([fast(varied[i:i + b]).argmax(1) == target for i in range(0, len(varied), b)])
+        p = torch.cat([fast(varied[i:i + b]).float().softmax(1) for i in range(0, len(varied), b)])
+        hit = (p.argmax(1) == target) & (p[:, target] >= confidence)
     return varied[hit.to(varied.device)][:cap].clone()
 
 
