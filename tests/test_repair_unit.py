@@ -92,3 +92,8 @@ def test_mine_variations_keeps_only_the_varied_sources_sent_to_the_target() -> N
                                confidence=0.5)) == len(mined)
     assert len(mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(),
                                confidence=0.95)) == 0
+    # with an anchor, only copies of originals the model gives the source with that probability (0.58)
+    assert len(mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(),
+                               source=0, anchor=0.5)) == len(mined)
+    assert len(mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(),
+                               source=0, anchor=0.95)) == 0
