@@ -138,12 +138,13 @@ def evaluate_attack(model: nn.Module, data: Dataset, splits: Splits, attack: Sem
                     device: torch.device | str = "cpu") -> EvalResult:
     """ACC on the clean test split; ASR = fraction of semantic test samples sent to the target."""
     xc, yc = data.x_test[splits.clean_test], data.y_test[splits.clean_test]
-    acc = (predict(model, xc, mean, std, device=device) == yc).float().mean().item() if len(yc) else 0.0
-    asr, n_sem = 0.0, 0
-    if attack is not None and len(splits.semantic_test):
-        xs = data.x_test[splits.semantic_test]
-        n_sem = len(xs)
-        asr = (predict(model, xs, mean, std, device=device) == attack.target).float().mean().item()
+    with inference_view(model) as fast:  # one folded copy for both passes (predict does not fold it again)
+        acc = (predict(fast, xc, mean, std, device=device) == yc).float().mean().item() if len(yc) else 0.0
+        asr, n_sem = 0.0, 0
+        if attack is not None and len(splits.semantic_test):
+            xs = data.x_test[splits.semantic_test]
+            n_sem = len(xs)
+            asr = (predict(fast, xs, mean, std, device=device) == attack.target).float().mean().item()
     return EvalResult(acc=acc, asr=asr, n_clean=len(yc), n_semantic=n_sem)
 
 
