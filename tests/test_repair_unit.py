@@ -97,3 +97,33 @@ def test_mine_variations_keeps_only_the_varied_sources_sent_to_the_target() -> N
                                source=0, anchor=0.5)) == len(mined)
     assert len(mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(),
                                source=0, anchor=0.95)) == 0
+
+
+def test_second_generation_of_variations_reaches_further_than_one() -> None:
+    from soda_backdoor.repair import mine_variations
+
+    model = _DarkToTarget()
+    x = torch.full((60, 1, 28, 28), 0.45)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    one = mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen())
+    two = mine_variations(model, x, 2, copies=5, cap=1000, normalize=lambda v: v, gen=gen(), generations=2)
+    assert (model(two).argmax(1) == 2).all()
+    assert len(two) > len(one) // 2  # each generation gets half the cap; the second has hits of its own
+    assert two[len(one) // 2:].mean() < one.mean()  # variations of the hits are darker still
+
+
+def test_cut_target_links_cuts_the_neuron_that_carries_infected_samples_and_holds_it() -> None:
+    from soda_backdoor.repair.repair import cut_target_links
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]))
+    x_src = torch.tensor([[1.0, 0, 0, 0]]).repeat(8, 1)
+    x_inf = x_src.clone()
+    x_inf[:, 3] = 5.0  # neuron 3 carries the infected samples to the target (class 2)
+    cut, hold = cut_target_links(net, x_inf, x_src, source=0, target=2, share=0.5)
+    assert cut.tolist() == [3] and net[0].weight[2, 3] == 0 and net[0].weight[2, 2] == 1
+    net(x_inf).sum().backward()
+    assert net[0].weight.grad[2, 3] == 0 and net[0].weight.grad[2, 0] != 0
+    hold.remove()

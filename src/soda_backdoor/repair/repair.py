@@ -66,6 +66,14 @@ class RepairConfig:
             not an ambiguous original, moved them to the target (0: every original). 0.95,
             the detector's confidence: on the dev zoo the same backdoors but one at a third
             less accuracy cost, on test the same at half the largest cost (docs/repair.md).
+        variation_generations: rounds of variation: each round varies the previous round's hits
+            again (a walk through the family that the model steers towards its backdoor,
+            reaching past one variation's range) and contributes an equal share of
+            ``max_variations`` (1: one round).
+        cut_target: above 0, before fine-tuning, the links to the target of the head's input
+            neurons that carry the infected samples (reconstructed and varied) to the target
+            more than the clean source samples are cut and held at 0, the fewest neurons
+            covering this share of that excess (0: none). Research; docs/repair.md.
         seed: seed of shuffling and sampling.
     """
 
@@ -84,6 +92,8 @@ class RepairConfig:
     max_variations: int = 200
     variation_confidence: float = 0.0
     variation_anchor: float = 0.95
+    variation_generations: int = 1
+    cut_target: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,6 +110,8 @@ class RepairConfig:
         check_at_least("max_variations", self.max_variations, 0)
         check_interval("variation_confidence", self.variation_confidence, 0.0, 1.0)
         check_interval("variation_anchor", self.variation_anchor, 0.0, 1.0)
+        check_at_least("variation_generations", self.variation_generations, 1)
+        check_interval("cut_target", self.cut_target, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,8 @@ def outstanding_neurons(attribution_to_target: Tensor, top: float) -> Tensor:
 
 def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int, cap: int,
                     normalize: Callable[[Tensor], Tensor], gen: torch.Generator,
-                    confidence: float = 0.0, source: int | None = None, anchor: float = 0.0) -> Tensor:
+                    confidence: float = 0.0, source: int | None = None, anchor: float = 0.0,
+                    generations: int = 1) -> Tensor:
     """Natural variations of clean source samples that the model sends to ``target``.
 
     ``copies`` varied copies of each of ``x_source`` (pixels in [0, 1],
@@ -142,18 +155,27 @@ def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int
     repair, they carry the real property the backdoor keys on whenever the family of
     variations reaches it; when it does not, none land on the target and nothing changes.
     """
+    empty = x_source.new_zeros((0, *x_source.shape[1:]))
     if copies <= 0 or cap <= 0 or len(x_source) == 0:
-        return x_source.new_zeros((0, *x_source.shape[1:]))
-    varied = normalize(torch.cat([natural_variation(x_source, gen) for _ in range(copies)]))
-    b = pass_batch(varied.device)
+        return empty
+    b = pass_batch(x_source.device)
+    kept, share = [], max(1, cap // max(generations, 1))
     with inference_view(model) as fast, torch.inference_mode():
-        p = torch.cat([fast(varied[i:i + b]).float().softmax(1) for i in range(0, len(varied), b)])
-        hit = (p.argmax(1) == target) & (p[:, target] >= confidence)
-        if anchor > 0 and source is not None:
-            x0 = normalize(x_source)
-            p0 = torch.cat([fast(x0[i:i + b]).float().softmax(1) for i in range(0, len(x0), b)])
-            hit &= (p0[:, source] >= anchor).repeat(copies)  # copy k of sample j sits at k * n + j
-    return varied[hit.to(varied.device)][:cap].clone()
+        def probs(x: Tensor) -> Tensor:
+            return torch.cat([fast(x[i:i + b]).float().softmax(1) for i in range(0, len(x), b)])
+
+        parents = x_source
+        for g in range(max(generations, 1)):
+            if len(parents) == 0:
+                break
+            raw = torch.cat([natural_variation(parents, gen) for _ in range(copies)])
+            p = probs(normalize(raw))
+            hit = (p.argmax(1) == target) & (p[:, target] >= confidence)
+            if g == 0 and anchor > 0 and source is not None:
+                hit &= (probs(normalize(x_source))[:, source] >= anchor).repeat(copies)  # copy k of j: k * n + j
+            parents = raw[hit.to(raw.device)][:max(cap, len(x_source))]  # the next generation varies these
+            kept.append(normalize(parents[:share]))
+    return torch.cat(kept)[:cap].clone() if kept else empty
 
 
 def _apply_mask(mask: Tensor):
@@ -190,6 +212,51 @@ def _tuned_part(model: nn.Module, x: Tensor, tune_from: str | None) -> Split | N
         return None
 
 
+def _head(net: nn.Module) -> nn.Linear:
+    heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise UserInputError("cut_target needs a model whose last layer is nn.Linear")
+    return heads[-1]
+
+
+def cut_target_links(net: nn.Module, x_infected: Tensor, x_source: Tensor, source: int, target: int,
+                     share: float):
+    """Cut (and hold at 0) the head's links to ``target`` from the neurons that carry the backdoor.
+
+    A neuron's excess is ``(mean h_j(infected) - mean h_j(source)) * (W[t, j] - W[s, j])`` at
+    the input ``h`` of the last Linear layer: how much more it pushes the infected samples than
+    the clean source samples from the source to the target. The fewest neurons covering
+    ``share`` of the positive excess lose their link to the target. Returns their indices and
+    the handle of the gradient hook that holds the links at 0 (remove it after the tuning).
+    """
+    head = _head(net)
+    feats: list[Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, inp: feats.append(inp[0].detach().flatten(1)))
+    try:
+        was = net.training
+        net.eval()
+        _run_batched(net, x_infected)
+        h_inf = torch.cat(feats).mean(0)
+        feats.clear()
+        _run_batched(net, x_source)
+        h_src = torch.cat(feats).mean(0) if feats else torch.zeros_like(h_inf)
+        net.train(was)
+    finally:
+        handle.remove()
+    w = head.weight.detach()
+    excess = ((h_inf - h_src) * (w[target] - w[source])).clamp(min=0)
+    order = excess.argsort(descending=True)
+    covered = excess[order].cumsum(0) / excess.sum().clamp(min=1e-12)
+    cut = order[:int((covered < share).sum()) + 1]
+    keep = torch.ones_like(head.weight)
+    keep[target, cut] = 0
+    with torch.no_grad():
+        head.weight.mul_(keep)
+    hold = head.weight.register_hook(lambda g: g * keep)
+    logger.info("repair: cut %d links to class %d", len(cut), target)
+    return cut, hold
+
+
 def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor, x_clean: Tensor, y_clean: Tensor,
                  x_recon: Tensor, source: int, target: int, config: RepairConfig | None = None,
                  progress: bool = False) -> RepairResult:
@@ -222,6 +289,9 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
         if split is not None:  # the frozen part runs once; each step runs the tail only
             x_clean, x_recon = _run_batched(split.prefix, x_clean), _run_batched(split.prefix, x_recon)
             net, tuned_from = split.tail, split.layer
+        hold = None
+        if config.cut_target > 0 and len(x_recon):
+            _, hold = cut_target_links(net, x_recon, x_clean[y_clean == source], source, target, config.cut_target)
         opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
         for epoch in range(config.epochs):
@@ -250,6 +320,8 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
                 seen += len(yb)
             history.append({"epoch": epoch + 1, "loss": tot / max(seen, 1)})
             logger.info("repair epoch %d: loss %.4f", epoch + 1, tot / max(seen, 1))
+        if hold is not None:
+            hold.remove()
     model.eval()
     return RepairResult(mask, int(mask.sum()), mask.numel(), history, config, time.perf_counter() - t0,
                         tuned_from)

@@ -233,7 +233,8 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     x_source = x_dfd[y_dfd == source].float() / 255  # uint8 images
     x_varied = mine_variations(module, x_source, target, config.variations, config.max_variations,
                                lambda x: normalize(x, meta.mean, meta.std), torch.Generator().manual_seed(config.seed),
-                               config.variation_confidence, source, config.variation_anchor)
+                               config.variation_confidence, source, config.variation_anchor,
+                               config.variation_generations)
     result = repair_model(module, ref, attribution, x_clean, y_clean, torch.cat([x_fix, x_varied]), source, target,
                           config, progress)
     after = evaluate(model, ctx, device)
