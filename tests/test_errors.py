@@ -202,3 +202,61 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     assert res["evidence"] == "weights" and res["errors"] is None and "weight profile" in res["note"]
     assert main(["detect", "--model", str(cnn), "--reference", str(tmp_path / "nope.json"), *data]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+class _DarkToTwo(nn.Module):
+    """Class 2 for a dark image (mean pixel < 0.3 in [0, 1]), else the class its brightness says."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        dark = m < 0.3
+        out = torch.full((len(x), K), -10.0)
+        out[:, 0] = torch.where(dark, -10.0, 10.0)  # everything bright enough is class 0
+        out[:, 2] = torch.where(dark, 10.0, -10.0)
+        return out
+
+
+def test_variation_rates_count_the_varied_copies_each_class_sends_elsewhere() -> None:
+    from soda_backdoor.detection.variations import variation_rates
+
+    x = torch.full((40, 1, 28, 28), 0.45)
+    y = torch.zeros(40, dtype=torch.long)
+    y[30:] = 1  # class 1: the model never gives it its own class, so none is anchored
+    rate, anchored = variation_rates(_DarkToTwo(), x, y, K, copies=5, anchor=0.95, normalize=lambda v: v,
+                                     gen=torch.Generator().manual_seed(0))
+    assert anchored.tolist() == [30, 0, 0, 0]
+    assert 0 < rate[0, 2] < 1 and rate[0, 0] + rate[0, 2] == pytest.approx(1.0)  # darkened copies go to 2
+    assert rate[1].sum() == 0 and rate[2].sum() == 0
+
+
+def test_variation_evidence_flags_a_target_the_errors_miss_with_the_errors_source() -> None:
+    from soda_backdoor.detection.variations import VariationReference, variation_excess
+
+    ref_models = [_counts({(1, 2): 5, (3, 2): 1})] * 3
+    entry = _reference(ref_models).entry("cnn")
+    counts = _counts({(1, 2): 6, (3, 2): 1})  # a weak backdoor 1 -> 2: errors alone miss it
+    rates = torch.zeros(K, K)
+    rates[3, 2] = 0.5  # the variations of class 3 reach 2 (the backdoor generalises)
+    rates[1, 2] = 0.3
+    ref = VariationReference("fmnist", 10, 0.95, tuple((0.05,) * K for _ in range(K)), 3)
+    v = variation_excess(rates, ref)
+    off = detect_errors(counts, entry, ErrorConfig(variation_tau=0.0), variations=v)
+    assert not off.backdoor and off.variation_excess is None  # tau 0: off
+    on = detect_errors(counts, entry, ErrorConfig(), variations=v)  # the default, 0.1
+    assert on.backdoor and on.pairs == ((1, 2),)  # the target from the variations, the source from the errors
+    assert on.score == pytest.approx(2.99 * 0.45 / 0.1) and on.class_scores[2] == pytest.approx(on.score)
+    assert on.variation_excess[3][2] == pytest.approx(0.45) and on.variation_excess[2][2] == 0.0
+    with pytest.raises(UserInputError, match="variation_tau"):
+        ErrorConfig(variation_tau=-0.1)
+
+
+def test_variation_reference_loads_and_refuses_a_bad_file() -> None:
+    from soda_backdoor.detection.variations import VariationReference, shipped_variation_reference
+
+    ref = shipped_variation_reference()
+    assert ref.dataset == "fmnist" and len(ref.rate_max) == 10 and ref.num_models >= 10
+    assert VariationReference.from_dict(ref.to_dict()) == ref
+    with pytest.raises(UserInputError, match="not a variation reference"):
+        VariationReference.from_dict({"format": "x"})
+    with pytest.raises(UserInputError, match="square"):
+        VariationReference.from_dict({**ref.to_dict(), "rate_max": [[0.1, 0.2]]})

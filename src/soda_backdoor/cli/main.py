@@ -102,6 +102,10 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                         "pair's spread over the reference models) or poisson; docs/detection.md")
     g.add_argument("--reference", default=None, help="a confident-error reference from `soda zoo reference` "
                    "(default: the shipped one, cnn and lenet on fmnist)")
+    g.add_argument("--variation-tau", type=float, default=None,
+                   help="also flag a target that natural variations of another class reach this much more often "
+                        "than in any clean reference model (default 0.1, chosen on the dev zoo; 0: off, the "
+                        "confident errors alone); docs/detection.md")
 
 
 def _recon_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
@@ -301,9 +305,12 @@ def _detection_config(args):
     base = DetectionConfig()
     attribution = build_config(AttributionConfig, {"num_samples": "--num-samples", "chunk_size": "--chunk-size"},
                          num_samples=args.num_samples, chunk_size=args.chunk_size)
-    errors = build_config(ErrorConfig, {"tau": "--tau-errors", "null": "--errors-null"},
+    errors = build_config(ErrorConfig, {"tau": "--tau-errors", "null": "--errors-null",
+                                        "variation_tau": "--variation-tau"},
                           tau=base.errors.tau if args.tau_errors is None else args.tau_errors,
-                          null=args.errors_null or base.errors.null)
+                          null=args.errors_null or base.errors.null,
+                          variation_tau=(base.errors.variation_tau if getattr(args, "variation_tau", None) is None
+                                         else args.variation_tau))
     return build_config(DetectionConfig, {"tau_target": "--tau-target", "tau_source": "--tau-source",
                                     "source_rule": "--source-rule", "evidence": "--evidence"},
                   tau_target=base.tau_target if args.tau_target is None else args.tau_target,

@@ -81,6 +81,11 @@ class ErrorConfig:
         null: ``nbpair`` (negative binomial with each pair's spread over the reference
             models; needs a reference that keeps each model's counts) or ``poisson``.
         shrink: weight, in models, of the all-pairs spread in each pair's (``nbpair``).
+        variation_tau: above 0, the variation evidence (:mod:`.variations`) also flags a
+            target whose excess variation rate reaches it (0: off). 0.1: the middle of the
+            thresholds that flag no dev clean model and every dev backdoor (docs/detection.md).
+        variation_copies: varied copies of each anchored defender sample.
+        variation_anchor: softmax of its own class a sample needs to be varied.
     """
 
     prior: float = 0.5
@@ -88,6 +93,9 @@ class ErrorConfig:
     exposure: float | None = 20.0
     null: str = "nbpair"
     shrink: float = 8.0
+    variation_tau: float = 0.1
+    variation_copies: int = 10
+    variation_anchor: float = 0.95
 
     def __post_init__(self) -> None:
         check_finite("prior", self.prior, positive=True)
@@ -101,6 +109,13 @@ class ErrorConfig:
         check_finite("shrink", self.shrink)
         if self.shrink < 0:
             raise UserInputError(f"shrink must be >= 0, got {self.shrink}")
+        check_finite("variation_tau", self.variation_tau)
+        if self.variation_tau < 0:
+            raise UserInputError(f"variation_tau must be >= 0 (0: off), got {self.variation_tau}")
+        if self.variation_copies < 1:
+            raise UserInputError(f"variation_copies must be >= 1, got {self.variation_copies}")
+        if not 0 <= self.variation_anchor <= 1:
+            raise UserInputError(f"variation_anchor must be in [0, 1], got {self.variation_anchor}")
 
 
 def check_threshold(threshold: float) -> None:
@@ -376,6 +391,8 @@ class ErrorDetection:
         note: set when the model's own architecture had no entry, or the reference keeps
             no per-model counts (then the null is Poisson).
         config: the settings.
+        variation_excess: with the variation evidence on, ``V[s, t]`` for every ordered pair
+            (:mod:`.variations`; the diagonal is 0 and unused); ``None`` when off.
     """
 
     backdoor: bool
@@ -387,6 +404,7 @@ class ErrorDetection:
     reference: str
     note: str
     config: ErrorConfig
+    variation_excess: tuple[tuple[float, ...], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -395,8 +413,14 @@ class ErrorDetection:
 
 
 def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorConfig | None = None,
-                  note: str = "") -> ErrorDetection:
-    """Flag the pairs whose confident errors the reference cannot explain (module docstring)."""
+                  note: str = "", variations: np.ndarray | None = None) -> ErrorDetection:
+    """Flag the pairs whose confident errors the reference cannot explain (module docstring).
+
+    With ``variations`` (``V[s, t]`` of :func:`.variations.variation_excess`) and
+    ``config.variation_tau > 0``, a target whose largest ``V`` reaches ``variation_tau`` is
+    flagged too (after the errors' pairs), with the errors' strongest source into it; the
+    scores become ``max(E, tau * V / variation_tau)``, so ``tau`` stays the threshold.
+    """
     config = config or ErrorConfig()
     e = error_evidence(counts, reference, config.prior, config.exposure, config.null, config.shrink)
     if config.null == "nbpair" and not reference.per_model:
@@ -405,6 +429,18 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
     per_target = e.max(0)
     order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
     pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)
-    return ErrorDetection(bool(pairs), pairs, float(e.max()), tuple(float(v) for v in per_target.values),
+    score, class_scores = float(e.max()), [float(v) for v in per_target.values]
+    excess = None
+    if variations is not None and config.variation_tau > 0:
+        v_t = variations.max(0)
+        flagged = {t for _, t in pairs}
+        extra = [t for t in np.argsort(-v_t) if v_t[t] >= config.variation_tau and int(t) not in flagged]
+        pairs += tuple((int(per_target.indices[t]), int(t)) for t in extra)
+        scaled = config.tau * v_t / config.variation_tau
+        class_scores = [max(c, float(x)) for c, x in zip(class_scores, scaled)]
+        score = max(score, float(scaled.max()))
+        excess = tuple(tuple(0.0 if s == t else float(variations[s, t]) for t in range(len(v_t)))
+                       for s in range(len(v_t)))
+    return ErrorDetection(bool(pairs), pairs, score, tuple(class_scores),
                           tuple(tuple(float(v) for v in row) for row in e), counts,
-                          f"{reference.arch} ({reference.num_models} clean models)", note, config)
+                          f"{reference.arch} ({reference.num_models} clean models)", note, config, excess)

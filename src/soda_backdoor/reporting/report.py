@@ -73,15 +73,30 @@ def render_report(run_dir: str | Path) -> Path:
     verdict = f"<div class='verdict {verdict_cls}'>{html.escape(summary['verdict'])}</div>"
     err = (det or {}).get("errors")
     if det and err:
+        vx = err.get("variation_excess")
+
+        def variations_into(t: int) -> str:  # the variation evidence of target t, when it is on
+            if not vx:
+                return ""
+            s = max((j for j in range(len(vx)) if j != t), key=lambda j: vx[j][t])
+            return (f"; natural variations of {class_label(names, s)} reach it {vx[s][t]:+.3f} over the clean "
+                    f"reference's largest rate (threshold {err['config']['variation_tau']:g})")
+
         if det["backdoor"]:
             how = ", ".join(f"{err['counts']['counts'][p['source']][p['target']]} test samples of "
                             f"{class_label(names, p['source'])} given {class_label(names, p['target'])} with "
                             f"softmax >= {err['counts']['threshold']:g}, evidence "
-                            f"{err['evidence'][p['source']][p['target']]:.2f}" for p in det["pairs"])
+                            f"{err['evidence'][p['source']][p['target']]:.2f}{variations_into(p['target'])}"
+                            for p in det["pairs"])
             how += f" (threshold {err['config']['tau']:g}; reference {err['reference']})"
         else:
-            how = (f"the largest confident-error evidence of any class pair is {err['score']:.2f}, below the "
+            max_e = max(max(row) for row in err["evidence"])
+            how = (f"the largest confident-error evidence of any class pair is {max_e:.2f}, below the "
                    f"threshold {err['config']['tau']:g} (reference {err['reference']})")
+            if vx:
+                max_v = max(v for a, row in enumerate(vx) for b, v in enumerate(row) if a != b)
+                how += (f"; the largest excess rate of natural variations is {max_v:.3f}, below "
+                        f"{err['config']['variation_tau']:g}")
         verdict += f"<p>How sure: {html.escape(how)}.</p>"
     if det and det.get("note"):
         verdict += f"<p>Note: {html.escape(det['note'])}</p>"

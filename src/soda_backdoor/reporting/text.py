@@ -52,8 +52,13 @@ def format_detection(res: dict[str, Any]) -> str:
         pairs = ", ".join(f"{class_label(names, p['source'])} -> {class_label(names, p['target'])}" for p in res["pairs"])
         lines.append(f"VERDICT: semantic backdoor detected: {pairs}")
     elif err:
-        lines.append(f"VERDICT: no semantic backdoor detected (no pair's confident-error evidence exceeds "
-                     f"{err['config']['tau']:g}; max {err['score']:.2f})")
+        max_e = max(max(row) for row in err["evidence"])
+        why = f"no pair's confident-error evidence exceeds {err['config']['tau']:g}; max {max_e:.2f}"
+        vx = err.get("variation_excess")
+        if vx:
+            max_v = max(v for s, row in enumerate(vx) for t, v in enumerate(row) if s != t)
+            why += f"; no variation excess reaches {err['config']['variation_tau']:g}; max {max_v:.3f}"
+        lines.append(f"VERDICT: no semantic backdoor detected ({why})")
     else:
         lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
                      f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
@@ -82,9 +87,20 @@ def format_errors(err: dict[str, Any], names: Sequence[str], probs: Sequence[flo
     for t in range(len(ev)):
         s = max((k for k in range(len(ev)) if k != t), key=lambda k: ev[k][t])
         p = f"{probs[t]:>11.3f}" if probs else ""
-        mark = "  <- flagged" if t in flagged else ""
+        mark = ("" if t not in flagged else "  <- flagged" if ev[s][t] > err["config"]["tau"]
+                else "  <- flagged by the variation evidence")
         lines.append(f"{class_label(names, t):<18}{class_label(names, s):<18}{c['counts'][s][t]:>7}"
                      f"{ev[s][t]:>10.2f}{p}{mark}")
+    vx = err.get("variation_excess")
+    if vx:
+        k = len(vx)
+        lines.append(f"variation evidence (excess rate of natural variations over the clean reference's largest; "
+                     f"threshold {err['config']['variation_tau']:g}):")
+        lines.append(f"{'target':<18}{'from source':<18}{'excess':>10}")
+        for t in range(k):
+            s = max((j for j in range(k) if j != t), key=lambda j: vx[j][t])
+            mark = "  <- flagged" if vx[s][t] >= err["config"]["variation_tau"] else ""
+            lines.append(f"{class_label(names, t):<18}{class_label(names, s):<18}{vx[s][t]:>10.3f}{mark}")
     return lines
 
 

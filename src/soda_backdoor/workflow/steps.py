@@ -15,6 +15,7 @@ import warnings
 from dataclasses import asdict, replace
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..analysis import AttributionConfig, activations, compute_neuron_effects, parse_layer
@@ -23,6 +24,7 @@ from ..data import normalize
 from ..detection import Calibration, DetectionConfig, detect_backdoor
 from ..detection.errors import (ErrorConfig, ErrorDetection, ErrorReference, confident_errors, detect_errors,
                                 shipped_reference)
+from ..detection.variations import shipped_variation_reference, variation_excess, variation_rates
 from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
@@ -126,7 +128,30 @@ def confident_error_verdict(model: LoadedModel, ctx: DataContext, config: ErrorC
         return None, note + "; the verdict comes from the weight profile (docs/detection.md)"
     x = normalize(ctx.data.x_test.to(device), model.meta.mean, model.meta.std)
     counts = confident_errors(model.module, x, ctx.data.y_test, ctx.data.num_classes, reference.threshold)
-    return detect_errors(counts, entry, config, note), note
+    excess = None
+    if config.variation_tau > 0:
+        excess, why = variation_evidence(model, ctx, config, device)
+        note = "; ".join(x for x in (note, why) if x)
+    return detect_errors(counts, entry, config, note, excess), note
+
+
+def variation_evidence(model: LoadedModel, ctx: DataContext, config: ErrorConfig,
+                       device: torch.device | str = "cpu") -> tuple[np.ndarray | None, str]:
+    """``V[s, t]`` on the defender's clean data (:mod:`soda_backdoor.detection.variations`), and a note."""
+    ref = shipped_variation_reference()
+    if ref.dataset != ctx.data.spec.name:
+        return None, (f"no variation reference for dataset {ctx.data.spec.name} (the shipped one is "
+                      f"{ref.dataset}): the variation evidence is off")
+    d = ctx.splits.defender
+    rate, _ = variation_rates(model.module, ctx.data.x_train[d].to(device), ctx.data.y_train[d],
+                              ctx.data.num_classes, config.variation_copies, config.variation_anchor,
+                              lambda v: normalize(v, model.meta.mean, model.meta.std),
+                              torch.Generator().manual_seed(0))
+    return variation_excess(rate, ref), ""
+
+
+# The variation settings of a calibration file written before they existed (the evidence was off).
+VARIATION_OFF = {"variation_tau": 0.0, "variation_copies": 10, "variation_anchor": 0.95}
 
 
 def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None,
@@ -148,7 +173,10 @@ def _check_calibration(calibration: Calibration, config: DetectionConfig, layer:
     if evidence == "errors":
         ref = reference or shipped_reference()
         mine = json.loads(json.dumps({"errors": asdict(config.errors), "reference": ref.provenance.get("models_hash")}))
-        theirs = {"errors": (fitted.get("detector_config") or {}).get("errors"),
+        theirs_errors = (fitted.get("detector_config") or {}).get("errors")
+        if isinstance(theirs_errors, dict):  # a file from before the variation evidence: it was off
+            theirs_errors = {**VARIATION_OFF, **theirs_errors}
+        theirs = {"errors": theirs_errors,
                   "reference": (fitted.get("reference") or {}).get("models_hash")}
         if mine != theirs:
             warnings.warn(f"the calibration was fitted on confident-error scores with settings {theirs['errors']} "
