@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -185,8 +185,28 @@ class ReferenceEntry:
         return len(self.model_counts) == self.num_models > 0
 
 
+class FormatFile:
+    """A dataclass saved as JSON with a ``format`` tag: ``to_dict``, ``save``, and the tag's check."""
+
+    FORMAT: ClassVar[str]
+    KIND: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def check_format(cls, d: dict[str, Any], where: str) -> None:
+        if d.get("format") != cls.FORMAT:
+            raise UserInputError(f"{where} is not a {cls.KIND} (format {d.get('format')!r}, expected {cls.FORMAT!r})")
+
+
 @dataclass(frozen=True)
-class ErrorReference:
+class ErrorReference(FormatFile):
     """Per-architecture null of confident errors on one dataset (``soda zoo reference``).
 
     Attributes:
@@ -195,6 +215,9 @@ class ErrorReference:
         entries: one per architecture.
         provenance: where the models came from (zoo, commit, torch).
     """
+
+    FORMAT: ClassVar[str] = FORMAT
+    KIND: ClassVar[str] = "confident-error reference"
 
     dataset: str
     threshold: float
@@ -238,19 +261,9 @@ class ErrorReference:
                         f"{pooled.num_models} clean reference models of {', '.join(self.archs)}; "
                         f"build one for {arch} with `soda zoo reference` for a verdict of its own")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
-
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "reference") -> "ErrorReference":
-        if d.get("format") != FORMAT:
-            raise UserInputError(f"{where} is not a confident-error reference (format {d.get('format')!r}, "
-                                 f"expected {FORMAT!r})")
+        cls.check_format(d, where)
         try:
             entries = tuple(ReferenceEntry(e["arch"], tuple(map(tuple, e["counts"])), tuple(e["totals"]),
                                            int(e["num_models"]), tuple(e.get("models", ())),

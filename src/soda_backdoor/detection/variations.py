@@ -24,11 +24,10 @@ has the errors.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from ..data.augment import natural_variation
 from ..errors import UserInputError
+from .errors import FormatFile
 from ..utils import inference_view, pass_batch
 
 FORMAT = "soda-variation-reference/1"
@@ -43,8 +43,11 @@ SHIPPED = "variation_reference.json"
 
 
 @dataclass(frozen=True)
-class VariationReference:
+class VariationReference(FormatFile):
     """The largest variation rate of every pair among clean reference models of a dataset."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    KIND: ClassVar[str] = "variation reference"
 
     dataset: str
     copies: int
@@ -53,19 +56,9 @@ class VariationReference:
     num_models: int
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
-
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "variation reference") -> "VariationReference":
-        if d.get("format") != FORMAT:
-            raise UserInputError(f"{where} is not a variation reference (format {d.get('format')!r}, "
-                                 f"expected {FORMAT!r})")
+        cls.check_format(d, where)
         try:
             ref = cls(d["dataset"], int(d["copies"]), float(d["anchor"]), tuple(map(tuple, d["rate_max"])),
                       int(d["num_models"]), d.get("provenance", {}))
