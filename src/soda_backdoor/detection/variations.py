@@ -86,6 +86,7 @@ def variation_rates(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, co
     """
     if x.dtype == torch.uint8:
         x = x.float() / 255
+    y = y.to(x.device)
     rate, anchored = torch.zeros(num_classes, num_classes), torch.zeros(num_classes, dtype=torch.long)
     b = pass_batch(x.device)
     with inference_view(model) as fast, torch.inference_mode():

@@ -142,12 +142,16 @@ def variation_evidence(model: LoadedModel, ctx: DataContext, config: ErrorConfig
     if ref.dataset != ctx.data.spec.name:
         return None, (f"no variation reference for dataset {ctx.data.spec.name} (the shipped one is "
                       f"{ref.dataset}): the variation evidence is off")
+    why = ""
+    if (config.variation_copies, config.variation_anchor) != (ref.copies, ref.anchor):
+        why = (f"the variation reference was measured with {ref.copies} copies at anchor {ref.anchor:g}; this "
+               f"detection uses {config.variation_copies} at {config.variation_anchor:g}, so its rates may not compare")
     d = ctx.splits.defender
     rate, _ = variation_rates(model.module, ctx.data.x_train[d].to(device), ctx.data.y_train[d],
                               ctx.data.num_classes, config.variation_copies, config.variation_anchor,
                               lambda v: normalize(v, model.meta.mean, model.meta.std),
                               torch.Generator().manual_seed(0))
-    return variation_excess(rate, ref), ""
+    return variation_excess(rate, ref), why
 
 
 # The variation settings of a calibration file written before they existed (the evidence was off).
