@@ -86,9 +86,9 @@ def render_report(run_dir: str | Path) -> Path:
             how = ", ".join(f"{err['counts']['counts'][p['source']][p['target']]} test samples of "
                             f"{class_label(names, p['source'])} given {class_label(names, p['target'])} with "
                             f"softmax >= {err['counts']['threshold']:g}, evidence "
-                            f"{err['evidence'][p['source']][p['target']]:.2f}{variations_into(p['target'])}"
-                            for p in det["pairs"])
-            how += f" (threshold {err['config']['tau']:g}; reference {err['reference']})"
+                            f"{err['evidence'][p['source']][p['target']]:.2f} (threshold {err['config']['tau']:g})"
+                            f"{variations_into(p['target'])}" for p in det["pairs"])
+            how += f" (reference {err['reference']})"
         else:
             max_e = max(max(row) for row in err["evidence"])
             how = (f"the largest confident-error evidence of any class pair is {max_e:.2f}, below the "
