@@ -96,6 +96,19 @@ def pass_batch(device: torch.device | str, cpu: int = CPU_PASS_BATCH, other: int
     return cpu if torch.device(device).type == "cpu" else other
 
 
+def run_batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` without gradients, in passes of :func:`pass_batch` rows (``x`` when empty).
+
+    ``no_grad``, not ``inference_mode``, so the result can feed training steps; inside an
+    ``inference_mode`` block it is an inference tensor as usual.
+    """
+    if len(x) == 0:
+        return x
+    b = pass_batch(x.device)
+    with torch.no_grad():
+        return torch.cat([fn(x[i:i + b]) for i in range(0, len(x), b)])
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put ``module`` in eval mode and restore its previous mode afterwards."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..data.augment import natural_variation
 from ..errors import UserInputError
 from .errors import FormatFile
-from ..utils import inference_view, pass_batch
+from ..utils import inference_view, run_batched
 
 FORMAT = "soda-variation-reference/1"
 SHIPPED = "variation_reference.json"
@@ -88,10 +88,9 @@ def variation_rates(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, co
         x = x.float() / 255
     y = y.to(x.device)
     rate, anchored = torch.zeros(num_classes, num_classes), torch.zeros(num_classes, dtype=torch.long)
-    b = pass_batch(x.device)
     with inference_view(model) as fast, torch.inference_mode():
         def predict(v: Tensor) -> Tensor:
-            return torch.cat([fast(normalize(v[i:i + b])).float().softmax(1) for i in range(0, len(v), b)])
+            return run_batched(lambda u: fast(normalize(u)).float().softmax(1), v)
 
         for s in range(num_classes):
             xs = x[y == s]

@@ -26,7 +26,7 @@ from ..analysis.hooks import LayerRef, intervene
 from ..analysis.split import Split, deepest_split, split_after
 from ..data.augment import natural_variation
 from ..errors import UserInputError, check_at_least, check_finite, check_interval
-from ..utils import cpu_channels_last, inference_view, pass_batch
+from ..utils import cpu_channels_last, inference_view, run_batched
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +158,10 @@ def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int
     empty = x_source.new_zeros((0, *x_source.shape[1:]))
     if copies <= 0 or cap <= 0 or len(x_source) == 0:
         return empty
-    b = pass_batch(x_source.device)
     kept, share = [], max(1, cap // max(generations, 1))
     with inference_view(model) as fast, torch.inference_mode():
         def probs(x: Tensor) -> Tensor:
-            return torch.cat([fast(x[i:i + b]).float().softmax(1) for i in range(0, len(x), b)])
+            return run_batched(lambda v: fast(v).float().softmax(1), x)
 
         parents = x_source
         for g in range(max(generations, 1)):
@@ -183,15 +182,6 @@ def _apply_mask(mask: Tensor):
         shape = [1, -1] + [1] * (h.dim() - 2)
         return h * mask.to(h.device, h.dtype).view(shape)
     return edit
-
-
-def _run_batched(fn: nn.Module, x: Tensor) -> Tensor:
-    """``fn(x)`` without gradients, in passes of :func:`~soda_backdoor.utils.pass_batch` rows."""
-    if len(x) == 0:
-        return x
-    b = pass_batch(x.device)
-    with torch.no_grad():  # not inference_mode: the result is an input of training steps
-        return torch.cat([fn(x[i:i + b]) for i in range(0, len(x), b)])
 
 
 def _tuned_part(model: nn.Module, x: Tensor, tune_from: str | None) -> Split | None:
@@ -235,10 +225,10 @@ def cut_target_links(net: nn.Module, x_infected: Tensor, x_source: Tensor, sourc
     try:
         was = net.training
         net.eval()
-        _run_batched(net, x_infected)
+        run_batched(net, x_infected)
         h_inf = torch.cat(feats).mean(0)
         feats.clear()
-        _run_batched(net, x_source)
+        run_batched(net, x_source)
         h_src = torch.cat(feats).mean(0) if feats else torch.zeros_like(h_inf)
         net.train(was)
     finally:
@@ -287,7 +277,7 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
         net, tuned_from = model, None
         split = _tuned_part(model, x_clean, config.tune_from)
         if split is not None:  # the frozen part runs once; each step runs the tail only
-            x_clean, x_recon = _run_batched(split.prefix, x_clean), _run_batched(split.prefix, x_recon)
+            x_clean, x_recon = run_batched(split.prefix, x_clean), run_batched(split.prefix, x_recon)
             net, tuned_from = split.tail, split.layer
         hold = None
         if config.cut_target > 0 and len(x_recon):
