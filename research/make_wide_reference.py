@@ -15,7 +15,10 @@ Each model is a clean model of a recipe no other reference model shares, so ever
 them, scored against the others, is a clean model of an unseen recipe: a dev-side estimate
 of the false-alarm rate (research/error_null_variants.py).
 
-Usage: python research/make_wide_reference.py [--per-arch 10] [--seed 7] [OUT.toml]
+Usage: python research/make_wide_reference.py [--per-arch 10] [--seed 7] [--seed0 40] [--name NAME] [OUT.toml]
+
+A second draw (`zoo/reference_wide2.toml`, more models for a wider null):
+    python research/make_wide_reference.py --seed 8 --seed0 60 --name reference_wide2 zoo/reference_wide2.toml
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ PLAIN_FINAL = (0, 2)
 ROTATION = (0.0, 0.0, 10.0, 20.0)
 BRIGHTNESS = (0.0, 0.0, 0.2, 0.4)
 CONTRAST = (0.0, 0.0, 0.3)
-SEED0 = 40  # model seeds 40, 41, ...: no other zoo uses them
+SEED0 = 40  # model seeds 40, 41, ...: no other clean model of another zoo uses them (the second draw: 60, ...)
 
 
 def draw(rng: np.random.Generator, arch: str) -> dict:
@@ -65,16 +68,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", default=str(Path(__file__).resolve().parents[1] / "zoo" / "reference_wide.toml"))
     p.add_argument("--per-arch", type=int, default=10)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="seed of the recipe draws")
+    p.add_argument("--seed0", type=int, default=SEED0, help="training seed of the first model")
+    p.add_argument("--name", default="reference_wide", help="the zoo's name")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     lines = ["# A wide reference zoo: clean models only, one recipe each, drawn at random from the",
              "# distribution in research/make_wide_reference.py (written by it: do not edit by hand).",
-             f"# python research/make_wide_reference.py --per-arch {args.per_arch} --seed {args.seed}",
+             f"# python research/make_wide_reference.py --per-arch {args.per_arch} --seed {args.seed}"
+             + (f" --seed0 {args.seed0} --name {args.name} zoo/{Path(args.out).name}" if args.name != "reference_wide" else ""),
              "# Every model is a clean model of a recipe the others do not share (docs/detection.md).",
-             "# Build: soda zoo build zoo/reference_wide.toml --out zoos/reference_wide --jobs 2",
-             'name = "reference_wide"', 'dataset = "fmnist"']
-    seed, epochs = SEED0, 0
+             f"# Build: soda zoo build zoo/{args.name}.toml --out zoos/{args.name} --jobs 2",
+             f'name = "{args.name}"', 'dataset = "fmnist"']
+    seed, epochs = args.seed0, 0
     for arch in ("cnn", "lenet"):
         for _ in range(args.per_arch):
             recipe = draw(rng, arch)

@@ -164,6 +164,15 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     assert ref.threshold == 0.5 and ref.archs == ("lenet",) and ref.entries[0].totals == (20,) * 10
     assert ref.provenance["zoos"] == ["zoo"] and ref.provenance["num_models"] == 1
     assert ref.provenance["left_out_failed_training"] == []
+    # the same clean models' variation rates, the null of the variation evidence
+    v = ref.variations
+    assert v.dataset == "fmnist" and (v.copies, v.anchor, v.num_models) == (10, 0.95, 1)
+    assert len(v.rate_max) == 10 and all(len(r) == 10 and all(0.0 <= x <= 1.0 for x in r) for r in v.rate_max)
+    assert ErrorReference.load(ref_path) == ref  # both parts round-trip
+    assert main(["zoo", "reference", str(zoo), "--out", str(tmp_path / "nov.json"), "--threshold", "0.5",
+                 "--variation-copies", "0", "--quiet"]) == 0
+    nov = ErrorReference.load(tmp_path / "nov.json")
+    assert nov.variations is None and nov.entries == ref.entries
     # a clean model whose training failed is left out (here the only one: no reference)
     failed = tmp_path / "failed"
     failed.mkdir()
@@ -179,6 +188,7 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     res = json.loads((tmp_path / "d.json").read_text())
     assert res["evidence"] == "errors" and res["errors"]["reference"] == "lenet (1 clean models)"
     assert res["note"] == "" and res["errors"]["counts"]["threshold"] == 0.5
+    assert res["errors"]["variation_excess"] is not None  # against the reference's own variation rates
     assert res["backdoor"] == bool(res["pairs"]) and "weight_profile" in res
     assert "confident errors (softmax >= 0.5)" in capsys.readouterr().out
     assert res["errors"]["config"]["null"] == "nbpair"
@@ -187,6 +197,12 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     res = json.loads((tmp_path / "d.json").read_text())
     assert res["errors"]["config"]["null"] == "poisson" and res["errors"]["config"]["tau"] == 2.45
     assert "Poisson null" in capsys.readouterr().out
+
+    # a reference without variation rates (a file from before them): the shipped ones, with a note
+    assert main(["detect", "--model", str(model), "--reference", str(tmp_path / "nov.json"), *data]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert "holds no variation rates" in res["note"] and res["errors"]["variation_excess"] is not None
+    capsys.readouterr()
 
     cnn = save_cnn(tmp_path / "cnn.safetensors")  # an architecture the reference does not have
     assert main(["detect", "--model", str(cnn), "--reference", str(ref_path), *data]) == 0

@@ -100,8 +100,8 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--errors-null", default=None, choices=["nbpair", "poisson"],
                    help="null of a pair's confident-error count: nbpair (default: negative binomial with the "
                         "pair's spread over the reference models) or poisson; docs/detection.md")
-    g.add_argument("--reference", default=None, help="a confident-error reference from `soda zoo reference` "
-                   "(default: the shipped one, cnn and lenet on fmnist)")
+    g.add_argument("--reference", default=None, help="a reference of clean models from `soda zoo reference`: "
+                   "their confident errors and variation rates (default: the shipped one, cnn and lenet on fmnist)")
     g.add_argument("--variation-tau", type=float, default=None,
                    help="also flag a target that natural variations of another class reach this much more often "
                         "than in any clean reference model (default 0.1, chosen on the dev zoo; 0: off, the "

@@ -64,18 +64,21 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     common(c, data=False)
     detect_args(c)
     c.set_defaults(func=_cmd_zoo_calibrate)
-    f = verbs.add_parser("reference", help="count the confident errors of the clean models of zoos: the null of "
-                         "the confident-error evidence",
+    f = verbs.add_parser("reference", help="measure the clean models of zoos: the null of the detection's "
+                         "evidence (confident errors and variation rates)",
                          description="For every clean model of the zoos (backdoored ones are left out), count the "
                                      "samples of each class that it gives another class with softmax >= "
-                                     "--threshold on the dataset's test split, and pool the counts per "
-                                     "architecture. `soda detect --reference F` compares a model with them "
+                                     "--threshold on the dataset's test split, pooled per architecture, and "
+                                     "measure its variation rates on the defender's data (the largest of each "
+                                     "pair is kept). `soda detect --reference F` compares a model with both "
                                      "(docs/detection.md). Build it from your own clean models, never from the "
                                      "models you evaluate.")
     f.add_argument("dirs", nargs="+", help="folders written by `soda zoo build` (one dataset)")
     f.add_argument("--out", required=True, help="the reference (JSON), for `soda detect --reference`")
     f.add_argument("--threshold", type=float, default=None, help="confidence from which an error counts "
                    "(default 0.95)")
+    f.add_argument("--variation-copies", type=int, default=None, help="varied copies of each defender sample "
+                   "for the variation rates (default 10, as the detection; 0: leave them out)")
     f.add_argument("--jobs", type=int, default=1, help="models at once, one thread each (default 1)")
     common(f, data=False)
     f.set_defaults(func=_cmd_zoo_reference)
@@ -240,7 +243,7 @@ def _cmd_zoo_calibrate(args) -> int:
 
 def _cmd_zoo_reference(args) -> int:
     from ..detection.errors import DEFAULT_THRESHOLD
-    from ..zoo.reference import build_zoo_reference
+    from ..zoo.reference import VARIATION_COPIES, build_zoo_reference
 
     _check_jobs(args.jobs)
 
@@ -250,7 +253,8 @@ def _cmd_zoo_reference(args) -> int:
                   f"({row['seconds']:.1f}s)", file=sys.stderr, flush=True)
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    ref = build_zoo_reference(args.dirs, threshold, args.jobs, args.device, progress)
+    copies = VARIATION_COPIES if args.variation_copies is None else args.variation_copies
+    ref = build_zoo_reference(args.dirs, threshold, args.jobs, args.device, progress, copies)
     ref.save(args.out)
     if args.json:
         from ..utils import write_json
@@ -260,6 +264,11 @@ def _cmd_zoo_reference(args) -> int:
     for e in ref.entries:
         n = sum(map(sum, e.counts))
         print(f"  {e.arch}: {e.num_models} clean model(s), {n} confident errors in {sum(e.totals)} samples")
+    v = ref.variations
+    if v is not None:
+        top = max((r, s, t) for s, row in enumerate(v.rate_max) for t, r in enumerate(row) if s != t)
+        print(f"  variation rates: the largest of {v.num_models} clean model(s), {v.copies} copies at anchor "
+              f"{v.anchor:g} (highest: {top[1]} -> {top[2]}, {top[0]:.3f})")
     failed = ref.provenance.get("left_out_failed_training", [])
     if failed:
         print(f"  left out: {len(failed)} clean model(s) whose training failed (accuracy < 0.5): {', '.join(failed)}")

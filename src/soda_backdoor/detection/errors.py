@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -214,6 +214,8 @@ class ErrorReference(FormatFile):
         threshold: the confidence the counts used.
         entries: one per architecture.
         provenance: where the models came from (zoo, commit, torch).
+        variations: the same clean models' largest variation rates (:mod:`.variations`), the
+            null of the variation evidence; ``None`` in a file written before they existed.
     """
 
     FORMAT: ClassVar[str] = FORMAT
@@ -223,6 +225,12 @@ class ErrorReference(FormatFile):
     threshold: float
     entries: tuple[ReferenceEntry, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
+    variations: Any = None  # VariationReference | None (defined in .variations, which imports this module)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["variations"] = None if self.variations is None else self.variations.to_dict()
+        return d
 
     @property
     def archs(self) -> tuple[str, ...]:
@@ -275,6 +283,15 @@ class ErrorReference(FormatFile):
             raise UserInputError(f"{where} is malformed: {exc}") from None
         if not entries:
             raise UserInputError(f"{where} has no architecture entries")
+        if d.get("variations") is not None:
+            from .variations import VariationReference
+
+            v = VariationReference.from_dict(d["variations"], f"the variation rates of {where}")
+            if v.dataset != ref.dataset or len(v.rate_max) != len(entries[0].totals):
+                raise UserInputError(f"{where} is malformed: its variation rates are on {v.dataset} with "
+                                     f"{len(v.rate_max)} classes, its counts on {ref.dataset} with "
+                                     f"{len(entries[0].totals)}")
+            ref = replace(ref, variations=v)
         for e in entries:
             k = len(e.totals)
             if e.model_counts and not (len(e.model_counts) == len(e.model_totals) == e.num_models
@@ -298,9 +315,13 @@ class ErrorReference(FormatFile):
 
 @lru_cache(maxsize=1)
 def shipped_reference() -> ErrorReference:
-    """The reference that ships with the package (Fashion-MNIST, ``cnn`` and ``lenet``; docs/detection.md)."""
+    """The reference that ships with the package (Fashion-MNIST, ``cnn`` and ``lenet``; docs/detection.md),
+    with the shipped variation rates (kept in their own file, built from their own records)."""
+    from .variations import shipped_variation_reference
+
     text = resources.files("soda_backdoor.detection").joinpath(SHIPPED).read_text()
-    return ErrorReference.from_dict(json.loads(text), f"the shipped {SHIPPED}")
+    ref = ErrorReference.from_dict(json.loads(text), f"the shipped {SHIPPED}")
+    return ref if ref.variations is not None else replace(ref, variations=shipped_variation_reference())
 
 
 def build_reference(models: Sequence[tuple[ErrorCounts, str, str]], dataset: str,

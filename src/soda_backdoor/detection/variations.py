@@ -114,3 +114,21 @@ def variation_excess(rate: Tensor, reference: VariationReference) -> np.ndarray:
     v = rate.numpy().astype(float) - ref
     np.fill_diagonal(v, -np.inf)
     return v
+
+
+def build_variation_reference(rates: list[Tensor], dataset: str, copies: int, anchor: float,
+                              provenance: dict[str, Any] | None = None) -> VariationReference:
+    """The largest rate of every pair over clean reference models (every architecture together).
+
+    Args:
+        rates: each clean model's ``(k, k)`` rates from :func:`variation_rates` with ``copies``
+            and ``anchor``.
+        dataset: the dataset the rates are on.
+        provenance: recorded as is.
+    """
+    if not rates:
+        raise UserInputError("a variation reference needs at least one clean model")
+    rate_max = torch.stack([r.float().cpu() for r in rates]).amax(0)
+    return VariationReference(dataset, int(copies), float(anchor),
+                              tuple(tuple(round(float(v), 6) for v in row) for row in rate_max), len(rates),
+                              provenance or {})

@@ -130,28 +130,48 @@ def confident_error_verdict(model: LoadedModel, ctx: DataContext, config: ErrorC
     counts = confident_errors(model.module, x, ctx.data.y_test, ctx.data.num_classes, reference.threshold)
     excess = None
     if config.variation_tau > 0:
-        excess, why = variation_evidence(model, ctx, config, device)
+        excess, why = variation_evidence(model, ctx, config, reference, device)
         note = "; ".join(x for x in (note, why) if x)
     return detect_errors(counts, entry, config, note, excess), note
 
 
-def variation_evidence(model: LoadedModel, ctx: DataContext, config: ErrorConfig,
+def variation_evidence(model: LoadedModel, ctx: DataContext, config: ErrorConfig, reference: ErrorReference,
                        device: torch.device | str = "cpu") -> tuple[np.ndarray | None, str]:
-    """``V[s, t]`` on the defender's clean data (:mod:`soda_backdoor.detection.variations`), and a note."""
-    ref = shipped_variation_reference()
-    if ref.dataset != ctx.data.spec.name:
-        return None, (f"no variation reference for dataset {ctx.data.spec.name} (the shipped one is "
-                      f"{ref.dataset}): the variation evidence is off")
-    why = ""
+    """``V[s, t]`` on the defender's clean data (:mod:`soda_backdoor.detection.variations`) against
+    ``reference``'s variation rates, and a note.
+
+    A reference file written before the variation rates existed has none: the shipped ones
+    serve when they are on the same dataset, with a note; else the evidence is off.
+    """
+    ref, why = reference.variations, ""
+    if ref is None:
+        ref = shipped_variation_reference()
+        if ref.dataset != ctx.data.spec.name:
+            return None, (f"the confident-error reference holds no variation rates and none ship for "
+                          f"{ctx.data.spec.name}: the variation evidence is off; build a reference with "
+                          f"`soda zoo reference` (docs/detection.md)")
+        why = (f"the confident-error reference holds no variation rates (a file from before them): compared "
+               f"with the shipped ones of {ref.num_models} clean {ref.dataset} models; build the reference again "
+               f"with `soda zoo reference` for rates of your own models")
     if (config.variation_copies, config.variation_anchor) != (ref.copies, ref.anchor):
-        why = (f"the variation reference was measured with {ref.copies} copies at anchor {ref.anchor:g}; this "
-               f"detection uses {config.variation_copies} at {config.variation_anchor:g}, so its rates may not compare")
+        why = "; ".join(x for x in (why, (
+            f"the variation reference was measured with {ref.copies} copies at anchor {ref.anchor:g}; this "
+            f"detection uses {config.variation_copies} at {config.variation_anchor:g}, so its rates may not compare"))
+            if x)
+    rate = defender_variation_rates(model, ctx, config.variation_copies, config.variation_anchor, device)
+    return variation_excess(rate, ref), why
+
+
+def defender_variation_rates(model: LoadedModel, ctx: DataContext, copies: int, anchor: float,
+                             device: torch.device | str = "cpu") -> torch.Tensor:
+    """The model's variation rates on the defender's clean data, from a fixed seed (what the
+    detection measures, and what ``soda zoo reference`` measures on clean models)."""
     d = ctx.splits.defender
     rate, _ = variation_rates(model.module, ctx.data.x_train[d].to(device), ctx.data.y_train[d],
-                              ctx.data.num_classes, config.variation_copies, config.variation_anchor,
+                              ctx.data.num_classes, copies, anchor,
                               lambda v: normalize(v, model.meta.mean, model.meta.std),
                               torch.Generator().manual_seed(0))
-    return variation_excess(rate, ref), why
+    return rate
 
 
 # The variation settings of a calibration file written before they existed (the evidence was off).

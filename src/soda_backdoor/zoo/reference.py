@@ -1,9 +1,11 @@
-"""A confident-error reference from the clean models of built zoos (``soda zoo reference``).
+"""A detection reference from the clean models of built zoos (``soda zoo reference``).
 
 The confident-error evidence (:mod:`soda_backdoor.detection.errors`) compares a model's
-confident errors with those of clean models of the same architecture and dataset: the
-defender's own reference models. This counts them for every clean model of one or more
-zoos (backdoored models are left out) and pools them per architecture (docs/detection.md).
+confident errors with those of clean models of the same architecture and dataset, and the
+variation evidence (:mod:`soda_backdoor.detection.variations`) its variation rates with the
+largest of theirs: the defender's own reference models. This measures both for every clean
+model of one or more zoos (backdoored models are left out): the counts pooled per
+architecture, the variation rates' maximum over every model (docs/detection.md).
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ import hashlib
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..detection.calibration import canonical_arch
-from ..detection.errors import DEFAULT_THRESHOLD, ErrorCounts, ErrorReference, build_reference, check_threshold
+from ..detection.errors import DEFAULT_THRESHOLD, ErrorConfig, ErrorCounts, ErrorReference, build_reference
+from ..detection.errors import check_threshold
+from ..detection.variations import build_variation_reference
 from ..errors import UserInputError
 from ..executor import run_tasks
 from ..utils import source_commit
 from .build import read_manifest
 from .score import MIN_ACC
+
+VARIATION_COPIES = ErrorConfig.variation_copies
+VARIATION_ANCHOR = ErrorConfig.variation_anchor
 
 
 def _count_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -38,13 +48,21 @@ def _count_task(task: dict[str, Any]) -> dict[str, Any]:
     loaded = open_model(task["path"], ctx.data, device)
     x = normalize(ctx.data.x_test.to(device), loaded.meta.mean, loaded.meta.std)
     c = confident_errors(loaded.module, x, ctx.data.y_test, ctx.data.num_classes, task["threshold"])
-    return {"counts": c.counts, "totals": c.totals, "seconds": time.perf_counter() - start}
+    rate = None
+    if task["copies"] > 0:
+        from ..workflow.steps import defender_variation_rates
+
+        rate = defender_variation_rates(loaded, ctx, task["copies"], task["anchor"], device).tolist()
+    return {"counts": c.counts, "totals": c.totals, "rate": rate, "seconds": time.perf_counter() - start}
 
 
 def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_THRESHOLD, jobs: int = 1,
                         device: str = "cpu",
-                        on_model: Callable[[dict[str, Any], int, int], None] | None = None) -> ErrorReference:
-    """Count the confident errors of every clean model of ``zoo_dirs`` and pool them per architecture.
+                        on_model: Callable[[dict[str, Any], int, int], None] | None = None,
+                        variation_copies: int = VARIATION_COPIES,
+                        variation_anchor: float = VARIATION_ANCHOR) -> ErrorReference:
+    """Count the confident errors of every clean model of ``zoo_dirs`` and pool them per
+    architecture; measure their variation rates and keep each pair's largest.
 
     Args:
         zoo_dirs: folders written by ``soda zoo build`` (one dataset).
@@ -52,8 +70,14 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
         jobs: models at once, one thread each.
         device: ``cpu``, ``cuda`` or ``auto``.
         on_model: called with each finished row, done and total.
+        variation_copies: varied copies of each anchored defender sample (0: no variation
+            rates; the detection then compares with the shipped ones, on their dataset only).
+        variation_anchor: softmax of its own class a sample needs to be varied.
     """
     check_threshold(threshold)
+    if variation_copies < 0 or not 0.0 <= variation_anchor < 1.0:
+        raise UserInputError(f"variation copies must be >= 0 and the anchor in [0, 1), got {variation_copies} "
+                             f"and {variation_anchor}")
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     for d in zoo_dirs:
@@ -75,7 +99,8 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
         raise UserInputError(f"the zoos' clean models are on several datasets ({', '.join(datasets)}); "
                              "build one reference per dataset")
     tasks = [{"key": r["key"], "path": r["path"], "dataset": r["dataset"], "data_dir": r.get("data_dir", ""),
-              "threshold": threshold, "device": device, "arch": r["arch"], "zoo": r["zoo"]} for r in rows]
+              "threshold": threshold, "device": device, "arch": r["arch"], "zoo": r["zoo"],
+              "copies": variation_copies, "anchor": variation_anchor} for r in rows]
     done = []
     for i, outcome in enumerate(run_tasks(_count_task, tasks, jobs), 1):
         if not outcome.ok:
@@ -84,12 +109,16 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
         if on_model is not None:
             on_model({"key": outcome.task["key"], **outcome.result}, i, len(tasks))
     done.sort(key=lambda d: (d[0]["zoo"], d[0]["key"]))
-    import torch
-
     provenance = {"zoos": sorted({r["zoo"] for r in rows}), "num_models": len(rows),
                   "models_hash": hashlib.sha256(json.dumps([t["key"] for t, _ in done]).encode()).hexdigest()[:16],
                   "commit": source_commit(), "torch": torch.__version__, "machine": platform.machine(),
                   "left_out_failed_training": failed}
-    return build_reference([(ErrorCounts(tuple(map(tuple, r["counts"])), tuple(r["totals"]), threshold),
-                             canonical_arch(t["arch"]),
-                             f"{t['zoo']}/{t['key']}") for t, r in done], datasets[0], provenance)
+    ref = build_reference([(ErrorCounts(tuple(map(tuple, r["counts"])), tuple(r["totals"]), threshold),
+                            canonical_arch(t["arch"]),
+                            f"{t['zoo']}/{t['key']}") for t, r in done], datasets[0], provenance)
+    if variation_copies == 0:
+        return ref
+    variations = build_variation_reference(
+        [torch.tensor(r["rate"]) for _, r in done], datasets[0], variation_copies,
+        variation_anchor, {**provenance, "archs": sorted({canonical_arch(t["arch"]) for t, _ in done})})
+    return replace(ref, variations=variations)
