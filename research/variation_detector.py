@@ -10,7 +10,10 @@ flags it *or* the variation excess reaches ``tau_v``; its target is the errors d
 when it flags, else the variation pair's.
 
 ``tau_v`` is chosen on the dev zoo alone: the midpoint of the interval of thresholds that
-flag no dev clean model and the most dev backdoors. Then reported on the other zoos.
+flag no dev clean model and the most dev backdoors. Then reported on the other zoos. The
+reference may span several zoos (``--reference reference_wide reference_wide2``); each of its
+models is also scored against the largest rate of the others (leave-one-out: a clean model
+of a recipe the reference has not seen), the reference's own false-alarm estimate.
 
 Usage:
     python research/variation_detector.py --rates results/variation_rates.jsonl \
@@ -71,15 +74,18 @@ def table(rows: list[dict], verdicts: dict, ref_max: np.ndarray, tau_v: float, t
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", required=True)
-    ap.add_argument("--reference", default="reference_wide", help="zoo name of the clean reference models")
+    ap.add_argument("--reference", nargs="+", default=["reference_wide"],
+                    help="zoo names of the clean reference models")
     ap.add_argument("--dev", required=True, help="NAME=SCORE_JSON of the zoo that chooses tau_v")
     ap.add_argument("--report", nargs="+", default=[], help="NAME=SCORE_JSON of zoos reported with that tau_v")
     ap.add_argument("--tau-e", type=float, default=2.99, help="the errors detector's tau (for the fused score)")
     ap.add_argument("--json")
     args = ap.parse_args()
     recs = [json.loads(line) for line in open(args.rates)]
-    ref = [r for r in recs if r["zoo"] == args.reference and r["role"] == "clean"]
+    ref = [r for r in recs if r["zoo"] in args.reference and r["role"] == "clean"]
     ref_max = np.array([r["rate"] for r in ref]).max(0)
+    ref_rates = np.array([r["rate"] for r in ref])
+    loo = [excess(ref_rates[i], np.delete(ref_rates, i, 0).max(0)) for i in range(len(ref))]
 
     def zoo(spec: str) -> tuple[str, list[dict], dict]:
         name, path = spec.split("=", 1)
@@ -98,6 +104,14 @@ def main() -> None:
           f"{min(plateau)}..{max(plateau)} -> tau_v {tau_v}")
     result = {"tau_v": tau_v, "dev_plateau": [float(min(plateau)), float(max(plateau))], "reference_models": len(ref),
               "zoos": {}}
+    flagged = [(ref[i], v, pair) for i, (v, pair) in enumerate(loo) if v >= tau_v]
+    near = sorted((v for v, _ in loo), reverse=True)[:5]
+    print(f"reference leave-one-out: {len(flagged)} of {len(ref)} flagged at tau_v {tau_v} (largest excesses "
+          f"{', '.join(f'{v:.3f}' for v in near)})")
+    for r, v, pair in flagged:
+        print(f"    {r['zoo']}/{r['key'][:8]} {r['arch']} {pair} {v:.3f}")
+    result["reference_loo"] = [{"zoo": r["zoo"], "key": r["key"], "arch": r["arch"], "excess": v, "pair": list(pair)}
+                               for r, (v, pair) in zip(ref, loo)]
     for spec in [args.dev, *args.report]:
         n, rs, vd = zoo(spec)
         t = table(rs, vd, ref_max, tau_v, args.tau_e)

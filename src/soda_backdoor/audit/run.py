@@ -60,7 +60,8 @@ class AuditConfig:
         reconstruction: reconstruction settings (with ``repair``).
         repair_config: repair settings (with ``repair``).
         calibration: a calibration file from ``soda zoo calibrate``: each row gets P(backdoor).
-        reference: a confident-error reference from ``soda zoo reference`` (``None``: the shipped one).
+        reference: a reference from ``soda zoo reference``, its confident errors and variation rates
+            (``None``: the shipped one).
     """
 
     out_dir: str

@@ -63,8 +63,8 @@ class PipelineConfig:
         progress: progress bars.
         calibration: a calibration file from ``soda zoo calibrate``: the detection also reports
             P(backdoor) and P(class is the target) (docs/detection.md).
-        reference: a confident-error reference from ``soda zoo reference`` (``None``: the
-            shipped one).
+        reference: a reference from ``soda zoo reference``, its confident errors and variation rates
+            (``None``: the shipped one).
     """
 
     out_dir: str = DEFAULT_DIR
