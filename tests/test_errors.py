@@ -208,6 +208,7 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     assert main(["detect", "--model", str(cnn), "--reference", str(ref_path), *data]) == 0
     res = json.loads((tmp_path / "d.json").read_text())
     assert res["evidence"] == "errors" and "no confident-error reference for arch cnn on fmnist" in res["note"]
+    assert "no variation rates of clean cnn models: compared with those of lenet" in res["note"]
     assert "note: no confident-error reference for arch cnn" in capsys.readouterr().out
 
     other = build_reference([(_counts({}, per_class=5), "cnn", "x")], "cifar10")  # another dataset

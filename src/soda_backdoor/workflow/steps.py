@@ -22,6 +22,7 @@ from ..analysis import AttributionConfig, activations, compute_neuron_effects, p
 from ..artifacts import SampleSet, model_fingerprint
 from ..data import normalize
 from ..detection import Calibration, DetectionConfig, detect_backdoor
+from ..detection.calibration import canonical_arch
 from ..detection.errors import (ErrorConfig, ErrorDetection, ErrorReference, confident_errors, detect_errors,
                                 shipped_reference)
 from ..detection.variations import shipped_variation_reference, variation_excess, variation_rates
@@ -153,11 +154,17 @@ def variation_evidence(model: LoadedModel, ctx: DataContext, config: ErrorConfig
         why = (f"the confident-error reference holds no variation rates (a file from before them): compared "
                f"with the shipped ones of {ref.num_models} clean {ref.dataset} models; build the reference again "
                f"with `soda zoo reference` for rates of your own models")
+    notes = [why]
+    archs = ref.provenance.get("archs") or []
+    if archs and canonical_arch(model.meta.arch) not in archs:
+        notes.append(f"no variation rates of clean {model.meta.arch} models: compared with those of "
+                     f"{', '.join(archs)}; build a reference for {model.meta.arch} with `soda zoo reference` for "
+                     "a verdict of its own")
     if (config.variation_copies, config.variation_anchor) != (ref.copies, ref.anchor):
-        why = "; ".join(x for x in (why, (
-            f"the variation reference was measured with {ref.copies} copies at anchor {ref.anchor:g}; this "
-            f"detection uses {config.variation_copies} at {config.variation_anchor:g}, so its rates may not compare"))
-            if x)
+        notes.append(f"the variation reference was measured with {ref.copies} copies at anchor {ref.anchor:g}; "
+                     f"this detection uses {config.variation_copies} at {config.variation_anchor:g}, so its rates "
+                     "may not compare")
+    why = "; ".join(x for x in notes if x)
     rate = defender_variation_rates(model, ctx, config.variation_copies, config.variation_anchor, device)
     return variation_excess(rate, ref), why
 
