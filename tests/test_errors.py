@@ -140,7 +140,10 @@ def test_the_shipped_reference_covers_the_default_architectures() -> None:
     ref = shipped_reference()
     assert ref.dataset == "fmnist" and {"cnn", "lenet"} <= set(ref.archs)
     assert all(e.num_models >= 4 and sum(e.totals) >= 10000 * e.num_models for e in ref.entries)
-    assert ref.provenance["zoos"] == ["reference", "reference_flip", "reference_wide"] and ref.threshold == 0.95
+    assert ref.provenance["zoos"] == ["reference", "reference_flip", "reference_wide", "reference_wide2"]
+    assert ref.threshold == 0.95 and ref.provenance["num_models"] == 71
+    # the variation rates ship beside the counts: the largest of the 39 random-recipe models
+    assert ref.variations is not None and ref.variations.num_models == 39 and ref.variations.dataset == "fmnist"
     assert all(e.per_model for e in ref.entries)  # the default nbpair null needs each model's counts
 
 
@@ -259,9 +262,10 @@ def test_variation_evidence_flags_a_target_the_errors_miss_with_the_errors_sourc
     v = variation_excess(rates, ref)
     off = detect_errors(counts, entry, ErrorConfig(variation_tau=0.0), variations=v)
     assert not off.backdoor and off.variation_excess is None  # tau 0: off
-    on = detect_errors(counts, entry, ErrorConfig(), variations=v)  # the default, 0.1
+    on = detect_errors(counts, entry, ErrorConfig(), variations=v)  # the default, 0.23
     assert on.backdoor and on.pairs == ((1, 2),)  # the target from the variations, the source from the errors
-    assert on.score == pytest.approx(2.99 * 0.45 / 0.1) and on.class_scores[2] == pytest.approx(on.score)
+    assert on.score == pytest.approx(2.99 * 0.45 / 0.23) and on.class_scores[2] == pytest.approx(on.score)
+    assert not detect_errors(counts, entry, ErrorConfig(variation_tau=0.5), variations=v).backdoor
     assert on.variation_excess[3][2] == pytest.approx(0.45) and on.variation_excess[2][2] == 0.0
     with pytest.raises(UserInputError, match="variation_tau"):
         ErrorConfig(variation_tau=-0.1)

@@ -104,7 +104,7 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                    "their confident errors and variation rates (default: the shipped one, cnn and lenet on fmnist)")
     g.add_argument("--variation-tau", type=float, default=None,
                    help="also flag a target that natural variations of another class reach this much more often "
-                        "than in any clean reference model (default 0.1, chosen on the dev zoo; 0: off, the "
+                        "than in any clean reference model (default 0.23, chosen on the dev zoo; 0: off, the "
                         "confident errors alone); docs/detection.md")
 
 

@@ -82,8 +82,9 @@ class ErrorConfig:
             models; needs a reference that keeps each model's counts) or ``poisson``.
         shrink: weight, in models, of the all-pairs spread in each pair's (``nbpair``).
         variation_tau: above 0, the variation evidence (:mod:`.variations`) also flags a
-            target whose excess variation rate reaches it (0: off). 0.1: the middle of the
-            thresholds that flag no dev clean model and every dev backdoor (docs/detection.md).
+            target whose excess variation rate reaches it (0: off). 0.23: the middle of the
+            thresholds that flag no dev clean model and the most dev backdoors, against the
+            shipped reference's 39 random-recipe models (docs/detection.md).
         variation_copies: varied copies of each anchored defender sample.
         variation_anchor: softmax of its own class a sample needs to be varied.
     """
@@ -93,7 +94,7 @@ class ErrorConfig:
     exposure: float | None = 20.0
     null: str = "nbpair"
     shrink: float = 8.0
-    variation_tau: float = 0.1
+    variation_tau: float = 0.23
     variation_copies: int = 10
     variation_anchor: float = 0.95
 
