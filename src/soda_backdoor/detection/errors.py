@@ -362,7 +362,9 @@ def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
     gets a wider null; it needs a reference that keeps each model's counts, and is Poisson
     otherwise. 0 on the diagonal and for a pair without errors.
     """
-    from scipy.stats import nbinom, poisson
+    # the tails from scipy.special (scipy.stats costs a second to import): P(X >= n) is
+    # I_{lam / (r + lam)}(n, r) for the negative binomial and Q(n, lam) for Poisson
+    from scipy.special import betainc, pdtrc
 
     k = counts.num_classes
     if len(reference.totals) != k:
@@ -372,11 +374,12 @@ def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
     lam = rate * np.asarray(counts.totals, dtype=np.float64)[:, None]
     if exposure is not None:
         lam = lam * exposure_factors(n, lam, exposure)[None, :]
-    if null == "nbpair" and reference.per_model:
-        r = 1.0 / pair_dispersion(reference, rate, shrink)
-        e = -nbinom.logsf(n - 1, r, r / (r + lam)) / math.log(10)
-    else:
-        e = -poisson.logsf(n - 1, lam) / math.log(10)
+    with np.errstate(divide="ignore", invalid="ignore"):  # n = 0 (no errors) is 0 below
+        if null == "nbpair" and reference.per_model:
+            r = 1.0 / pair_dispersion(reference, rate, shrink)
+            e = -np.log(betainc(n, r, lam / (r + lam))) / math.log(10)
+        else:
+            e = -np.log(pdtrc(n - 1, lam)) / math.log(10)
     e = np.where(n > 0, e, 0.0)
     np.fill_diagonal(e, 0.0)
     return torch.from_numpy(e)
