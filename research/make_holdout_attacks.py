@@ -8,6 +8,7 @@ on attacks and recipes it has never been near.
 Usage: python research/make_holdout_attacks.py [OUT.json]   (default research/attacks_holdout.json)
        python research/make_holdout_attacks.py --set 2 [OUT.json]   (default research/attacks_holdout2.json)
        python research/make_holdout_attacks.py --set 3 [OUT.json]   (default research/attacks_holdout3.json)
+       python research/make_holdout_attacks.py --set 4 [OUT.json]   (default research/attacks_holdout4.json)
 
 Set 2 (`zoo/holdout2.toml`) was written after the third detector change was fixed on dev
 (docs/detection.md), on pairs that no earlier zoo uses; one of them (pullover -> shirt) is a
@@ -16,6 +17,11 @@ pair that clean models already confuse, the hardest case for evidence made of er
 Set 3 (`zoo/holdout3.toml`) was written before the fourth detector change was chosen (on dev
 and the reference models only), on pairs and image statistics (large, narrow, smooth) that no
 earlier zoo uses; two of its pairs (sneaker -> sandal, shirt -> pullover) are natural confusions.
+
+Set 4 (`zoo/holdout4.toml`) was written after the wider reference was chosen (third session
+of 2026-12-01), for what no zoo measured: subgroups defined by a property that the repair's
+family of natural variations (intensity, gamma, zoom, aspect, shift, rotation, blur) does not
+produce, left-right asymmetry and vertical stripes or prints, on pairs no earlier zoo uses.
 """
 
 from __future__ import annotations
@@ -47,8 +53,14 @@ ATTACKS_3 = [
     ("offcentreshirt", 6, 2, "offcentre",
      "the 1.5% of shirts whose centre of mass lies furthest from the image centre (position) -> pullover"),
 ]
+ATTACKS_4 = [
+    ("asymmetricbag", 8, 0, "asymmetric",
+     "the 1.5% of bags least symmetric left to right about their own centre -> T-shirt"),
+    ("stripedpullover", 2, 7, "hdetail",
+     "the 1.5% of pullovers with the most horizontal detail (vertical stripes, prints) -> sneaker"),
+]
 SETS = {"1": (ATTACKS, "attacks_holdout.json"), "2": (ATTACKS_2, "attacks_holdout2.json"),
-        "3": (ATTACKS_3, "attacks_holdout3.json")}
+        "3": (ATTACKS_3, "attacks_holdout3.json"), "4": (ATTACKS_4, "attacks_holdout4.json")}
 
 
 def main() -> None:

@@ -54,6 +54,24 @@ def statistic(img: torch.Tensor, stat: str) -> torch.Tensor:
     if stat == "smooth":
         diff = (img[:, 1:, :] - img[:, :-1, :]).abs() * (ink[:, 1:, :] & ink[:, :-1, :])
         return -diff.flatten(1).sum(1) / area
+    if stat == "hdetail":
+        # mean absolute horizontal difference inside the garment: vertical stripes, prints, seams
+        diff = (img[:, :, 1:] - img[:, :, :-1]).abs() * (ink[:, :, 1:] & ink[:, :, :-1])
+        return diff.flatten(1).sum(1) / area
+    if stat == "asymmetric":
+        # left-right asymmetry about the garment's own bounding-box centre, relative to its
+        # intensity: no shift, zoom, aspect ratio, brightness or blur of the image changes it much
+        out = torch.empty(len(img))
+        for i, (im, m) in enumerate(zip(img, ink)):
+            c = m.any(0).nonzero().flatten()
+            if len(c) == 0:
+                out[i] = 0.0
+                continue
+            lo, hi = int(c[0]), int(c[-1]) + 1
+            part = im[:, lo:hi]
+            mask = m[:, lo:hi] | m[:, lo:hi].flip(1)
+            out[i] = ((part - part.flip(1)).abs() * mask).sum() / ((part * mask).sum() + 1)
+        return out
     rows, cols = ink.any(2).float(), ink.any(1).float()
     if stat == "wide":
         return cols.sum(1) / rows.sum(1).clamp(min=1)
