@@ -9,6 +9,7 @@ Usage: python research/make_holdout_attacks.py [OUT.json]   (default research/at
        python research/make_holdout_attacks.py --set 2 [OUT.json]   (default research/attacks_holdout2.json)
        python research/make_holdout_attacks.py --set 3 [OUT.json]   (default research/attacks_holdout3.json)
        python research/make_holdout_attacks.py --set 4 [OUT.json]   (default research/attacks_holdout4.json)
+       python research/make_holdout_attacks.py --set 5 [OUT.json]   (default research/attacks_holdout5.json)
 
 Set 2 (`zoo/holdout2.toml`) was written after the third detector change was fixed on dev
 (docs/detection.md), on pairs that no earlier zoo uses; one of them (pullover -> shirt) is a
@@ -22,6 +23,11 @@ Set 4 (`zoo/holdout4.toml`) was written after the wider reference was chosen (th
 of 2026-12-01), for what no zoo measured: subgroups defined by a property that the repair's
 family of natural variations (intensity, gamma, zoom, aspect, shift, rotation, blur) does not
 produce, left-right asymmetry and vertical stripes or prints, on pairs no earlier zoo uses.
+
+Set 5 (`zoo/holdout5.toml`) was written before the widened reference of the first session of
+2026-12-02 was built or chosen: two more properties outside the variation family (how little
+of its bounding box a sandal fills; how much of a shirt's intensity lies in its upper half),
+on pairs no earlier zoo uses.
 """
 
 from __future__ import annotations
@@ -59,8 +65,15 @@ ATTACKS_4 = [
     ("stripedpullover", 2, 7, "hdetail",
      "the 1.5% of pullovers with the most horizontal detail (vertical stripes, prints) -> sneaker"),
 ]
+ATTACKS_5 = [
+    ("hollowsandal", 5, 1, "hollow",
+     "the 1.5% of sandals filling the least of their bounding box (open uppers, cut-outs) -> trouser"),
+    ("topheavyshirt", 6, 3, "topheavy",
+     "the 1.5% of shirts with the largest share of their intensity in their upper half -> dress"),
+]
 SETS = {"1": (ATTACKS, "attacks_holdout.json"), "2": (ATTACKS_2, "attacks_holdout2.json"),
-        "3": (ATTACKS_3, "attacks_holdout3.json"), "4": (ATTACKS_4, "attacks_holdout4.json")}
+        "3": (ATTACKS_3, "attacks_holdout3.json"), "4": (ATTACKS_4, "attacks_holdout4.json"),
+        "5": (ATTACKS_5, "attacks_holdout5.json")}
 
 
 def main() -> None:

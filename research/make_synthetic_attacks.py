@@ -73,6 +73,22 @@ def statistic(img: torch.Tensor, stat: str) -> torch.Tensor:
             out[i] = ((part - part.flip(1)).abs() * mask).sum() / ((part * mask).sum() + 1)
         return out
     rows, cols = ink.any(2).float(), ink.any(1).float()
+    if stat == "hollow":
+        # least of the bounding box filled: open uppers, cut-outs, gaps (no zoom, shift, aspect
+        # ratio or intensity change of the image moves it much)
+        return -area / (rows.sum(1) * cols.sum(1)).clamp(min=1)
+    if stat == "topheavy":
+        # share of the garment's intensity in the upper half of its own bounding box
+        out = torch.empty(len(img))
+        for i, (im, r) in enumerate(zip(img, rows)):
+            on = r.nonzero().flatten()
+            if len(on) == 0:
+                out[i] = 0.0
+                continue
+            lo, hi = int(on[0]), int(on[-1]) + 1
+            part = (im * ink[i])[lo:hi].float()
+            out[i] = part[: (hi - lo) // 2].sum() / part.sum().clamp(min=1)
+        return out
     if stat == "wide":
         return cols.sum(1) / rows.sum(1).clamp(min=1)
     if stat == "narrow":

@@ -15,10 +15,17 @@ Each model is a clean model of a recipe no other reference model shares, so ever
 them, scored against the others, is a clean model of an unseen recipe: a dev-side estimate
 of the false-alarm rate (research/error_null_variants.py).
 
-Usage: python research/make_wide_reference.py [--per-arch 10] [--seed 7] [--seed0 40] [--name NAME] [OUT.toml]
+Usage: python research/make_wide_reference.py [--per-arch 10] [--seed 7] [--seed0 40] [--name NAME] [--wide] [OUT.toml]
 
 A second draw (`zoo/reference_wide2.toml`, more models for a wider null):
     python research/make_wide_reference.py --seed 8 --seed0 60 --name reference_wide2 zoo/reference_wide2.toml
+
+A third draw from a wider distribution (`--wide`, `zoo/reference_wide3.toml`; first session of
+2026-12-02): holdout3's one false alarm was a clean model of a constant learning rate and
+contrast jitter 0.5, both outside the distribution above, and a user's recipe may be anywhere.
+`--wide` adds a constant learning rate, learning-rate milestones placed by the schedule's
+length, plain SGD, batch 512 and stronger augmentation (rotation 30, brightness and contrast 0.5):
+    python research/make_wide_reference.py --seed 9 --seed0 100 --name reference_wide3 --wide zoo/reference_wide3.toml
 """
 
 from __future__ import annotations
@@ -40,21 +47,36 @@ PLAIN_FINAL = (0, 2)
 ROTATION = (0.0, 0.0, 10.0, 20.0)
 BRIGHTNESS = (0.0, 0.0, 0.2, 0.4)
 CONTRAST = (0.0, 0.0, 0.3)
+# --wide: the same, plus these choices
+WIDE = {"batch_size": BATCH + (512,), "momentum": MOMENTUM + (0.0,), "gamma": GAMMA + (1.0,),
+        "rotation": ROTATION + (30.0,), "brightness": BRIGHTNESS + (0.5,), "contrast": CONTRAST + (0.5,)}
+MILESTONES = ("default", "thirds", "late")  # `soda train`'s (E/2, 3E/4); (E/3, 2E/3); (2E/3,)
 SEED0 = 40  # model seeds 40, 41, ...: no other clean model of another zoo uses them (the second draw: 60, ...)
 
 
-def draw(rng: np.random.Generator, arch: str) -> dict:
+def draw(rng: np.random.Generator, arch: str, wide: bool = False) -> dict:
+    choices = {"batch_size": BATCH, "momentum": MOMENTUM, "gamma": GAMMA, "rotation": ROTATION,
+               "brightness": BRIGHTNESS, "contrast": CONTRAST}
+    if wide:
+        choices = WIDE
     lo, hi = EPOCHS[arch]
     epochs = int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
     recipe = {"epochs": epochs, "lr": round(float(np.exp(rng.uniform(*np.log(LR)))), 4),
-              "batch_size": int(rng.choice(BATCH)), "momentum": float(rng.choice(MOMENTUM)),
-              "weight_decay": float(rng.choice(WEIGHT_DECAY)), "gamma": float(rng.choice(GAMMA)),
+              "batch_size": int(rng.choice(choices["batch_size"])), "momentum": float(rng.choice(choices["momentum"])),
+              "weight_decay": float(rng.choice(WEIGHT_DECAY)), "gamma": float(rng.choice(choices["gamma"])),
               "plain_final_epochs": min(int(rng.choice(PLAIN_FINAL)), epochs - 1),
               "augment_clean": bool(rng.integers(2))}
+    if wide:
+        style = str(rng.choice(MILESTONES))
+        if style == "thirds":
+            recipe["milestones"] = sorted({max(1, epochs // 3), max(1, 2 * epochs // 3)})
+        elif style == "late":
+            recipe["milestones"] = [max(1, 2 * epochs // 3)]
     # rotation, brightness and contrast apply to augmented samples only
     if recipe["augment_clean"]:
-        recipe.update(rotation=float(rng.choice(ROTATION)), brightness=float(rng.choice(BRIGHTNESS)),
-                      contrast=float(rng.choice(CONTRAST)))
+        recipe.update(rotation=float(rng.choice(choices["rotation"])),
+                      brightness=float(rng.choice(choices["brightness"])),
+                      contrast=float(rng.choice(choices["contrast"])))
     return recipe
 
 
@@ -71,19 +93,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7, help="seed of the recipe draws")
     p.add_argument("--seed0", type=int, default=SEED0, help="training seed of the first model")
     p.add_argument("--name", default="reference_wide", help="the zoo's name")
+    p.add_argument("--wide", action="store_true", help="the wider distribution (module docstring)")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     lines = ["# A wide reference zoo: clean models only, one recipe each, drawn at random from the",
              "# distribution in research/make_wide_reference.py (written by it: do not edit by hand).",
              f"# python research/make_wide_reference.py --per-arch {args.per_arch} --seed {args.seed}"
-             + (f" --seed0 {args.seed0} --name {args.name} zoo/{Path(args.out).name}" if args.name != "reference_wide" else ""),
+             + (f" --seed0 {args.seed0} --name {args.name}" + (" --wide" if args.wide else "")
+               + f" zoo/{Path(args.out).name}" if args.name != "reference_wide" else ""),
              "# Every model is a clean model of a recipe the others do not share (docs/detection.md).",
              f"# Build: soda zoo build zoo/{args.name}.toml --out zoos/{args.name} --jobs 2",
              f'name = "{args.name}"', 'dataset = "fmnist"']
     seed, epochs = args.seed0, 0
     for arch in ("cnn", "lenet"):
         for _ in range(args.per_arch):
-            recipe = draw(rng, arch)
+            recipe = draw(rng, arch, args.wide)
             epochs += recipe["epochs"]
             lines += ["", "[[group]]", f'arch = "{arch}"', f"seed = {seed}", 'attack = "none"']
             lines += [f"{k} = {_toml(v)}" for k, v in recipe.items()]
