@@ -155,6 +155,15 @@ def test_zoo_repair_runs_each_method_and_resumes(tmp_path: Path, capsys) -> None
         assert 0 <= r["asr_after"] <= 1 and 0 <= r["acc_after"] <= 1
     assert set(result["summary"]) == {"soda", "finetune"} and result["summary"]["soda"]["all"]["n"] == 1
     assert "finetune" in capsys.readouterr().out
+    # Each row carries its clean twin's ASR on the same samples (what `soda evaluate` gives), once per twin.
+    assert main(["evaluate", "--model", str(out / rows["none"]["file"]), "--dataset", "fmnist", "--data-dir",
+                 str(tmp_path / "tiny.npz"), "--attack-file", str(tmp_path / "attacks.json"), "--attack", "patch",
+                 "--json", str(tmp_path / "twin.json")]) == 0
+    twin_asr = json.loads((tmp_path / "twin.json").read_text())["asr"]
+    assert all(r["asr_twin"] == pytest.approx(twin_asr) for r in result["rows"])
+    ok = all(r["asr_after"] <= max(0.1, twin_asr) for r in result["rows"] if r["method"] == "soda")
+    assert result["summary"]["soda"]["all"]["at_twin"] == float(ok)
+    assert len((out / "repairs" / "twin_asr.jsonl").read_text().splitlines()) == 1
     # Cached per model and method: a rerun repairs nothing again.
     assert main(["zoo", "repair", str(out), "--methods", "finetune", "--quiet"]) == 0
     assert len((out / "repairs" / "results-seed0.jsonl").read_text().splitlines()) == 2

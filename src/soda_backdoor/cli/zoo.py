@@ -188,12 +188,28 @@ def _cmd_zoo_score(args) -> int:
         plot_reliability(score, extra["reliability_png"])
         extra["calibration_file"] = str(args.calibration)
     if args.json:
-        write_json(args.json, {**score.to_dict(), **extra})
+        write_json(args.json, {**score.to_dict(), **extra, "run": _run_record(args)})
     print(format_score(score))
     print(f"ROC curve: {roc}")
     if "reliability_png" in extra:
         print(f"reliability plot: {extra['reliability_png']}")
     return 0
+
+
+def _run_record(args) -> dict[str, object]:
+    """What a JSON result needs to be rerun and compared: the command, the source commit, the
+    torch version and threads, the machine and the time."""
+    import datetime
+    import platform
+
+    import torch
+
+    from ..utils import source_commit
+
+    jobs = getattr(args, "jobs", 1) or 1
+    return {"command": "soda " + " ".join(sys.argv[1:]), "commit": source_commit(), "torch": torch.__version__,
+            "threads": 1 if jobs > 1 else torch.get_num_threads(), "jobs": jobs, "machine": platform.machine(),
+            "processor": platform.processor(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def _zoo_spec(root: Path, keys: list[str]) -> dict[str, str]:
@@ -312,6 +328,6 @@ def _cmd_zoo_repair(args) -> int:
     result = repair_zoo(args.dir, tuple(args.methods), args.jobs, args.device, args.seed, progress,
                         args.given_pair, _repair_options(args.repair_option))
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, {**result, "run": _run_record(args)})
     print(format_repair(result))
     return 1 if result["errors"] else 0

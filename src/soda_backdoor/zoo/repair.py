@@ -6,6 +6,13 @@ repaired (ASR after = ASR before). The baselines (``finetune``, ``fineprune``, `
 ``anp``; docs/baselines.md) repair with the same clean data budget: the defender's 5% of the
 training split. Every method is measured the same way: clean accuracy and ASR on the
 attack's real semantic test samples, before and after.
+
+Beside the fixed bar (ASR after <= 0.10), each row carries its *clean twin's* ASR: how many of
+the same semantic test samples the model of the same recipe and seed, trained without the
+attack, sends to the target. Some subgroups sit close to the target by nature (wide dresses
+look like coats: clean `cnn` models send 0 to 27% of them there), and no repair should be
+asked to go below a model that was never poisoned; ``at_twin`` counts the repairs that reach
+``max(0.10, twin's ASR)`` (docs/repair.md).
 """
 
 from __future__ import annotations
@@ -80,6 +87,21 @@ def _repair_baseline(task: dict[str, Any]) -> dict[str, Any]:
             "asr_after": rep.after.asr, "rasr_before": None, "rasr_after": None, "repaired": True}
 
 
+def _twin_asr_task(task: dict[str, Any]) -> dict[str, Any]:
+    """The clean twin's rate of sending the attack's semantic test samples to its target."""
+    from ..training.train import predict
+    from ..utils import resolve_device
+    from ..workflow import open_model
+    from .build import worker_context
+
+    device = resolve_device(task["device"])
+    ctx = worker_context(task["dataset"], task["data_dir"] or None, task["attack"], task["attack_file"] or None)
+    loaded = open_model(task["path"], ctx.data, device)
+    xs = ctx.data.x_test[ctx.splits.semantic_test]
+    pred = predict(loaded.module, xs, loaded.meta.mean, loaded.meta.std, device=device)
+    return {"asr_twin": (pred == ctx.attack.target).float().mean().item() if len(xs) else 0.0}
+
+
 def _repair_task(task: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     res = (_repair_soda if task["method"] == "soda" else _repair_baseline)(task)
@@ -92,15 +114,24 @@ class MethodSummary:
 
     n: int
     asr_after_ok: float
+    at_twin: float | None
     median_asr_after: float
     median_acc_loss: float
     max_acc_loss: float
     median_seconds: float
 
 
+def at_twin(row: dict[str, Any]) -> bool | None:
+    """ASR after at or below ``max(GOOD_ASR, the clean twin's ASR)`` (``None``: no twin's ASR)."""
+    twin = row.get("asr_twin")
+    return None if twin is None else row["asr_after"] <= max(GOOD_ASR, twin) + 1e-9
+
+
 def summarize(rows: list[dict[str, Any]]) -> MethodSummary:
     loss = [r["acc_before"] - r["acc_after"] for r in rows]
+    twin = [at_twin(r) for r in rows]
     return MethodSummary(len(rows), sum(r["asr_after"] <= GOOD_ASR for r in rows) / len(rows),
+                         None if None in twin else sum(twin) / len(rows),
                          statistics.median(r["asr_after"] for r in rows), statistics.median(loss), max(loss),
                          statistics.median(r["seconds"] for r in rows))
 
@@ -159,6 +190,7 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
         cached[row["key"]] = row
         if on_model is not None:
             on_model(row, i, len(tasks))
+    twins = _twin_asrs(root, manifest, rows, jobs, device)
     out_rows, errors = [], []
     for m in methods:
         for r in rows:
@@ -168,7 +200,8 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
                 continue
             out_rows.append({"method": m, "model": r["key"], "arch": r["arch"], "attack": r["attack"],
                              "seed": r["seed"], "train": r["config"]["train"], "source": r["source"],
-                             "target": r["target"], **{k: v for k, v in res.items() if k != "key"}})
+                             "target": r["target"], "asr_twin": twins.get(r["key"]),
+                             **{k: v for k, v in res.items() if k != "key"}})
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for m in methods:
         mine = [r for r in out_rows if r["method"] == m]
@@ -185,15 +218,39 @@ def repair_zoo(zoo_dir: str | Path, methods: tuple[str, ...] = METHODS, jobs: in
             "rows": out_rows, "summary": summary, "errors": errors}
 
 
+def _twin_asrs(root: Path, manifest: dict[str, dict[str, Any]], rows: list[dict[str, Any]], jobs: int,
+               device: str) -> dict[str, float]:
+    """Each backdoored model's clean twin's ASR on its attack, by model key (cached in
+    ``repairs/twin_asr.jsonl``); a model whose twin is not in the zoo has none."""
+    cache_path = root / "repairs" / "twin_asr.jsonl"
+    cached = read_jsonl(cache_path)
+    pairs = {r["key"]: f"{r['twin']}-{r['attack']}" for r in rows if r.get("twin") in manifest}
+    tasks = {}
+    for r in rows:
+        k = pairs.get(r["key"])
+        if k is not None and k not in cached and k not in tasks:
+            tasks[k] = {"key": k, "path": str(root / manifest[r["twin"]]["file"]), "dataset": r["dataset"],
+                        "data_dir": r.get("data_dir", ""), "attack": r["attack"],
+                        "attack_file": r.get("attack_file", ""), "device": device}
+    for o in run_tasks(_twin_asr_task, list(tasks.values()), jobs):
+        if o.ok:
+            row = {"key": o.task["key"], **o.result}
+            append_jsonl(cache_path, row)
+            cached[row["key"]] = row
+    return {m: cached[k]["asr_twin"] for m, k in pairs.items() if k in cached}
+
+
 def format_repair(result: dict[str, Any]) -> str:
     """The side-by-side table: per method and group, ASR after and accuracy cost."""
-    head = (f"{'method':<10}{'group':<30}{'n':>4}{'ASR<=0.1':>10}{'med ASR':>9}{'med loss':>10}"
+    head = (f"{'method':<10}{'group':<30}{'n':>4}{'ASR<=0.1':>10}{'<=twin':>8}{'med ASR':>9}{'med loss':>10}"
             f"{'max loss':>10}{'med s':>8}")
     lines = [head]
     for m, groups in result["summary"].items():
         for g, s in groups.items():
-            lines.append(f"{m:<10}{g:<30}{s['n']:>4}{s['asr_after_ok']:>10.2f}{s['median_asr_after']:>9.3f}"
+            twin = "-" if s.get("at_twin") is None else f"{s['at_twin']:.2f}"
+            lines.append(f"{m:<10}{g:<30}{s['n']:>4}{s['asr_after_ok']:>10.2f}{twin:>8}{s['median_asr_after']:>9.3f}"
                          f"{s['median_acc_loss'] * 100:>9.2f}p{s['max_acc_loss'] * 100:>9.2f}p{s['median_seconds']:>8.1f}")
+    lines.append("<=twin: ASR after <= max(0.10, the clean twin's ASR on the same samples)")
     for e in result["errors"]:
         lines.append(f"failed: {e}")
     return "\n".join(lines)
