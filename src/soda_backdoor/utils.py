@@ -183,6 +183,13 @@ def inference_view(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield view
 
 
+def environment() -> dict[str, str]:
+    """Where a result was measured: the torch version, the machine and the processor."""
+    import platform
+
+    return {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor()}
+
+
 def source_commit() -> str:
     """The git commit of this package's source (``-dirty`` with uncommitted changes), or ``""``."""
     here = str(Path(__file__).resolve().parent)

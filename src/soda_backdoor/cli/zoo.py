@@ -200,16 +200,15 @@ def _run_record(args) -> dict[str, object]:
     """What a JSON result needs to be rerun and compared: the command, the source commit, the
     torch version and threads, the machine and the time."""
     import datetime
-    import platform
 
     import torch
 
-    from ..utils import source_commit
+    from ..utils import environment, source_commit
 
     jobs = getattr(args, "jobs", 1) or 1
-    return {"command": "soda " + " ".join(sys.argv[1:]), "commit": source_commit(), "torch": torch.__version__,
-            "threads": 1 if jobs > 1 else torch.get_num_threads(), "jobs": jobs, "machine": platform.machine(),
-            "processor": platform.processor(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    return {"command": "soda " + " ".join(sys.argv[1:]), "commit": source_commit(), **environment(),
+            "threads": 1 if jobs > 1 else torch.get_num_threads(), "jobs": jobs,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def _zoo_spec(root: Path, keys: list[str]) -> dict[str, str]:

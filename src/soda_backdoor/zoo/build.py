@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..executor import run_tasks
+from ..utils import environment
 from .spec import ZooEntry, ZooSpec, with_twins
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ def manifest_row(entry: ZooEntry, file: str, result: dict[str, Any]) -> dict[str
             "seed": entry.train.seed, "source": atk.source if atk else None, "target": atk.target if atk else None,
             "twin": "" if entry.clean else entry.twin().key, "config": entry.config(),
             "attack_file": entry.attack_file, "data_dir": entry.data_dir, **result,
-            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            **environment(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def build_zoo(spec: ZooSpec, out_dir: str | Path, jobs: int = 1, device: str = "cpu",
