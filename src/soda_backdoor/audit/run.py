@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from ..artifacts import load_calibration
-from ..detection import DetectionConfig
 from ..detection.errors import ErrorReference
 from ..errors import UserInputError
 from ..executor import BACKENDS, run_tasks
-from ..reconstruction import ReconstructionConfig
-from ..repair import RepairConfig
 from ..utils import write_atomic
 from ..zoo.build import append_jsonl, read_jsonl
 from .report import audit_row, model_report, write_tables
 from .scan import ModelFile, file_sha256, find_models, read_model_manifest
-from .worker import AuditTask, audit_model
+from .worker import AuditSettings, AuditTask, audit_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,31 +31,19 @@ AUDIT_LOG = "audit.jsonl"
 REPORT_HASH_CHARS = 16
 
 
-@dataclass(frozen=True)
-class AuditConfig:
-    """What to audit and how.
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(AuditSettings):
+    """What to audit and how (how each model is read, detected and repaired: :class:`AuditSettings`).
 
     Attributes:
         out_dir: the audit folder (``audit.jsonl``, ``audit.csv``, ``audit.html``, ``models/``).
         paths: model files and folders (searched recursively for model files).
         manifest: a JSON-lines manifest of models (``soda zoo build``'s ``manifest.jsonl``).
         dataset: dataset the models classify (a manifest's ``dataset`` column wins).
-        data_dir: dataset folder or file (``None``: the standard place).
-        attack: attack whose semantic samples are kept out of the clean data (``None``: each
-            model's own, as ``soda detect`` does).
-        attack_file: JSON file of attacks.
-        arch: architecture of state_dicts without metadata.
-        detection: detector settings.
-        layer: analysis layer (``None``: the default).
         jobs: models at once, one thread each.
         backend: ``local`` or ``ray``.
         ray_address: Ray cluster to join (``auto``: this machine's); ``None`` starts a local one.
         gpus_per_job: GPUs each Ray task requests (``None``: 1 when ``device`` resolves to CUDA).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        seed: random seed.
-        repair: reconstruct and repair the first flagged pair of every flagged model.
-        reconstruction: reconstruction settings (with ``repair``).
-        repair_config: repair settings (with ``repair``).
         calibration: a calibration file from ``soda zoo calibrate``: each row gets P(backdoor).
         reference: a reference from ``soda zoo reference``, its confident errors and variation rates
             (``None``: the shipped one).
@@ -68,21 +53,10 @@ class AuditConfig:
     paths: tuple[str, ...] = ()
     manifest: str | None = None
     dataset: str = "fmnist"
-    data_dir: str | None = None
-    attack: str | None = None
-    attack_file: str | None = None
-    arch: str | None = None
-    detection: DetectionConfig = field(default_factory=DetectionConfig)
-    layer: str | None = None
     jobs: int = 1
     backend: str = "local"
     ray_address: str | None = None
     gpus_per_job: float | None = None
-    device: str = "auto"
-    seed: int = 0
-    repair: bool = False
-    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    repair_config: RepairConfig = field(default_factory=RepairConfig)
     calibration: str | None = None
     reference: str | None = None
 
@@ -141,6 +115,7 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
     reference = ErrorReference.load(config.reference) if config.reference else None
     out, seen = [], set()
     models_dir = Path(config.out_dir) / "models"
+    shared = [f.name for f in fields(AuditSettings)]  # a manifest row's own data and attack win
     for f in files:
         sha = file_sha256(f.path)
         if not sha:  # unreadable: its own error row, keyed by its path
@@ -149,12 +124,10 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
             logger.info("%s has the same content as a file already in the audit: skipped", f.path)
             continue
         seen.add(sha)
-        out.append(AuditTask(path=f.path, sha256=sha, dataset=f.dataset or config.dataset,
-                             data_dir=f.data_dir or config.data_dir, attack=f.attack or config.attack,
-                             attack_file=f.attack_file or config.attack_file, arch=f.arch or config.arch,
-                             detection=config.detection, layer=config.layer, device=config.device, seed=config.seed,
-                             repair=config.repair, reconstruction=config.reconstruction,
-                             repair_config=config.repair_config, calibration=calibration, reference=reference,
+        settings = {k: getattr(config, k) for k in shared}
+        settings.update((k, getattr(f, k)) for k in ("data_dir", "attack", "attack_file", "arch") if getattr(f, k))
+        out.append(AuditTask(**settings, path=f.path, sha256=sha, dataset=f.dataset or config.dataset,
+                             calibration=calibration, reference=reference,
                              repair_dir=str(models_dir / sha.removeprefix("unreadable:")[:REPORT_HASH_CHARS])))
     return out
 

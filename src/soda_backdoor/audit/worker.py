@@ -26,35 +26,26 @@ logger = logging.getLogger(__name__)
 CONTEXTS_PER_WORKER = 8
 
 
-@dataclass(frozen=True)
-class AuditTask:
-    """One model file to audit, with everything the worker needs.
+@dataclass(frozen=True, kw_only=True)
+class AuditSettings:
+    """How each model of an audit is read, detected and repaired (shared by the audit's
+    configuration and each model's task).
 
     Attributes:
-        path: the model file.
-        sha256: its hash (the audit's key).
-        dataset: dataset name.
         data_dir: dataset folder or file (``None``: the standard place).
-        attack: attack whose semantic samples are kept out of the clean data (``None``: the
+        attack: attack whose semantic samples are kept out of the clean data (``None``: each
             model's own, as ``soda detect`` does).
         attack_file: JSON file of attacks.
-        arch: architecture of a state_dict without metadata.
+        arch: architecture of state_dicts without metadata.
         detection: detector settings.
         layer: analysis layer (``None``: the default).
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: random seed.
-        repair: reconstruct and repair the first flagged pair.
+        repair: reconstruct and repair the first flagged pair of every flagged model.
         reconstruction: reconstruction settings (with ``repair``).
         repair_config: repair settings (with ``repair``).
-        repair_dir: folder for the samples and the repaired model.
-        calibration: P(backdoor) for the detection (``soda zoo calibrate``), loaded once by the
-            parent and shipped with the task.
-        reference: the confident-error reference (``None``: the shipped one), shipped the same way.
     """
 
-    path: str
-    sha256: str
-    dataset: str
     data_dir: str | None = None
     attack: str | None = None
     attack_file: str | None = None
@@ -66,6 +57,25 @@ class AuditTask:
     repair: bool = False
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     repair_config: RepairConfig = field(default_factory=RepairConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditTask(AuditSettings):
+    """One model file to audit, with everything the worker needs (the rest in :class:`AuditSettings`).
+
+    Attributes:
+        path: the model file.
+        sha256: its hash (the audit's key).
+        dataset: dataset name.
+        repair_dir: folder for the samples and the repaired model.
+        calibration: P(backdoor) for the detection (``soda zoo calibrate``), loaded once by the
+            parent and shipped with the task.
+        reference: the confident-error reference (``None``: the shipped one), shipped the same way.
+    """
+
+    path: str
+    sha256: str
+    dataset: str
     repair_dir: str = ""
     calibration: Calibration | None = None
     reference: ErrorReference | None = None
