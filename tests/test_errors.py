@@ -54,6 +54,15 @@ def test_evidence_is_the_poisson_tail_under_the_reference_rate() -> None:
     assert (e.diagonal() == 0).all() and e[2, 1] == 0  # no errors: no evidence
 
 
+def test_evidence_stays_finite_where_the_tail_underflows() -> None:
+    """A pair far beyond its null gets the cap, not infinity (JSON, ROC and calibration need it)."""
+    from soda_backdoor.detection.errors import EVIDENCE_CAP, error_evidence
+
+    ref = build_reference([(_counts({}, per_class=1000), "cnn", "r")], "fmnist").entry("cnn")
+    e = error_evidence(_counts({(0, 2): 1000}, per_class=1000), ref, prior=0.5)
+    assert float(e[0, 2]) == EVIDENCE_CAP and torch.isfinite(e).all()
+
+
 def test_a_model_confident_everywhere_raises_its_null_but_not_its_backdoors() -> None:
     ref = _reference([_counts({(0, 1): 10, (1, 2): 10, (2, 3): 10, (3, 0): 10})] * 2).entry("cnn")
     base = {(0, 1): 10, (1, 2): 10, (2, 3): 10, (3, 0): 10}
@@ -166,7 +175,7 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     ref = ErrorReference.load(ref_path)
     assert ref.threshold == 0.5 and ref.archs == ("lenet",) and ref.entries[0].totals == (20,) * 10
     assert ref.provenance["zoos"] == ["zoo"] and ref.provenance["num_models"] == 1
-    assert ref.provenance["left_out_failed_training"] == []
+    assert ref.provenance["left_out_failed_training"] == [] and ref.provenance["recalibrate_bn"] is True
     # the same clean models' variation rates, the null of the variation evidence
     v = ref.variations
     assert v.dataset == "fmnist" and (v.copies, v.anchor, v.num_models) == (10, 0.95, 1)
@@ -208,6 +217,14 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     capsys.readouterr()
 
     cnn = save_cnn(tmp_path / "cnn.safetensors")  # an architecture the reference does not have
+    # counted with batch norm re-estimated (the default), the reference says so; a detection
+    # without it gets a note
+    assert main(["detect", "--model", str(model), "--reference", str(ref_path), "--no-recalibrate-bn", *data]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["errors"]["config"]["recalibrate_bn"] is False
+    assert "reference counted its models' errors with re-estimated batch-norm statistics" in res["note"]
+    capsys.readouterr()
+
     assert main(["detect", "--model", str(cnn), "--reference", str(ref_path), *data]) == 0
     res = json.loads((tmp_path / "d.json").read_text())
     assert res["evidence"] == "errors" and "no confident-error reference for arch cnn on fmnist" in res["note"]
@@ -222,6 +239,31 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     assert res["evidence"] == "weights" and res["errors"] is None and "weight profile" in res["note"]
     assert main(["detect", "--model", str(cnn), "--reference", str(tmp_path / "nope.json"), *data]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_recalibrated_batchnorm_re_estimates_the_statistics_and_nothing_else() -> None:
+    """The copy's running statistics are the data's; weights, the original and a model without
+    batch norm are untouched."""
+    from soda_backdoor.utils import recalibrated_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).eval()
+    bn = model[1]
+    bn.running_mean.fill_(5.0)  # stale statistics, as after a training that saw other data
+    bn.running_var.fill_(9.0)
+    x = torch.randn(130, 1, 2, 2) * 2 + 1
+    new = recalibrated_batchnorm(model, x, batch_size=64)
+    assert new is not model and not new.training and new[1].momentum == bn.momentum
+    feats = model[0](x).transpose(0, 1).flatten(1)
+    assert torch.allclose(new[1].running_mean, feats.mean(1), atol=2e-3)  # batches of 44, 43, 43
+    assert torch.allclose(new[1].running_var, feats.var(1), rtol=0.05)  # averaged over batches
+    assert bn.running_mean.eq(5.0).all() and bn.running_var.eq(9.0).all()  # the original unchanged
+    for p, q in zip(model.parameters(), new.parameters()):
+        assert torch.equal(p, q)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert recalibrated_batchnorm(plain, x) is plain
+    with pytest.raises(UserInputError, match="at least 2 samples"):
+        recalibrated_batchnorm(model, x[:1])
 
 
 class _DarkToTwo(nn.Module):
@@ -269,6 +311,13 @@ def test_variation_evidence_flags_a_target_the_errors_miss_with_the_errors_sourc
     assert on.variation_excess[3][2] == pytest.approx(0.45) and on.variation_excess[2][2] == 0.0
     with pytest.raises(UserInputError, match="variation_tau"):
         ErrorConfig(variation_tau=-0.1)
+    with pytest.raises(UserInputError, match="tau must be >= 0"):
+        ErrorConfig(tau=-1.0)
+    # a target that the variations flag and no confident error reaches: its source is another class
+    rates0 = torch.zeros(K, K)
+    rates0[3, 0] = 0.5
+    none = detect_errors(_counts({}), entry, ErrorConfig(), variations=variation_excess(rates0, ref))
+    assert none.backdoor and none.pairs[0][1] == 0 and none.pairs[0][0] != 0
 
 
 def test_variation_reference_loads_and_refuses_a_bad_file() -> None:

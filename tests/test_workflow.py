@@ -44,7 +44,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 FAST = ["--train-epochs", "2", "--train-batch", "32", "--num-samples", "8", "--recon-steps", "30",
-        "--num-keep", "6", "--recon-batch", "8", "--repair-epochs", "1", "--tau-target", "0.0", "--quiet",
+        "--num-keep", "6", "--recon-batch", "8", "--repair-epochs", "1", "--evidence", "weights", "--tau-target", "0.0", "--quiet",
         "--device", "cpu"]
 
 
@@ -69,7 +69,7 @@ def test_soda_run_happy_path_and_resume(first_run) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) == {"run_dir", "verdict", "backdoor", "pairs", "before", "after", "total_seconds", "steps"}
     steps = [s["step"] for s in summary["steps"]]
-    # --tau-target 0 flags a target on any model, so every step runs
+    # the weight profile at --tau-target 0 flags a target on any model, so every step runs
     assert steps == ["train", "evaluate", "detect", "reconstruct", "repair", "evaluate_repaired"]
     assert summary["before"]["attack"] == "my_attack" and summary["before"]["n_semantic"] == 4
     for name in ("model.safetensors", "effects.npz", "samples.npz", "repaired.safetensors", "detect.json",
@@ -131,7 +131,8 @@ def test_steps_on_in_memory_objects(tiny, tmp_path) -> None:
     ev = evaluate(model, ctx)
     assert ev.to_dict() == {"acc": trained.evaluation.acc, "asr": trained.evaluation.asr, "n_clean": ev.n_clean,
                             "n_semantic": 4, "attack": "my_attack"}
-    det = detect(model, ctx, DetectionConfig(tau_target=0.0, attribution=AttributionConfig(num_samples=8)))
+    det = detect(model, ctx, DetectionConfig(evidence="weights", tau_target=0.0,  # flags any model
+                                             attribution=AttributionConfig(num_samples=8)))
     assert det.backdoor and det.to_dict()["class_names"][0] == "T-shirt/top"
     src, tgt = det.pairs[0]
     rec = reconstruct(model, ctx, src, tgt, ReconstructionConfig(steps=30, num_keep=6, batch_size=8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -167,7 +168,7 @@ def inference_view(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     intervention must apply), or cannot be traced. The copy is dropped on exit; ``module``
     is never changed.
     """
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    has_bn = has_batchnorm(module)
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
     with eval_mode(module):
         view = module
@@ -181,6 +182,41 @@ def inference_view(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
                 logging.getLogger(__name__).debug("inference without folding: %s", exc)
         with cpu_channels_last(view):
             yield view
+
+
+def has_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a batch-norm layer."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+@torch.no_grad()
+def recalibrated_batchnorm(module: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.nn.Module:
+    """A copy of ``module`` whose batch-norm running statistics are re-estimated on ``x``
+    (their average over batches of at most ``batch_size``, as after weight averaging); the
+    weights are unchanged. ``module`` itself is returned, unchanged, when it has no batch norm.
+
+    A model's running statistics are a moving average over its last training batches: they
+    carry whatever those batches held (augmentation, a third of poisoned samples, the noise of
+    a large constant learning rate). Re-estimated on clean data, they describe the clean data
+    (docs/detection.md, "Batch-norm statistics re-estimated on clean data").
+    """
+    if not has_batchnorm(module):
+        return module
+    if len(x) < 2:
+        raise UserInputError(f"re-estimating batch-norm statistics needs at least 2 samples, got {len(x)}")
+    copy_ = copy.deepcopy(module)
+    norms = [m for m in copy_.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    copy_.train()
+    # batches of near-equal size (the average weighs each batch alike), at least 2 samples each
+    for chunk in torch.tensor_split(x, min(-(-len(x) // batch_size), len(x) // 2)):
+        copy_(chunk)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return copy_.eval()
 
 
 def environment() -> dict[str, str]:

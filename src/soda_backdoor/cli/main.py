@@ -106,6 +106,9 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                    help="also flag a target that natural variations of another class reach this much more often "
                         "than in any clean reference model (default 0.23, chosen on the dev zoo; 0: off, the "
                         "confident errors alone); docs/detection.md")
+    g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="count the confident errors with the model's batch-norm statistics re-estimated on the "
+                        "defender's clean data (default: yes; no effect without batch norm); docs/detection.md")
 
 
 def _recon_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
@@ -310,7 +313,9 @@ def _detection_config(args):
                           tau=base.errors.tau if args.tau_errors is None else args.tau_errors,
                           null=args.errors_null or base.errors.null,
                           variation_tau=(base.errors.variation_tau if getattr(args, "variation_tau", None) is None
-                                         else args.variation_tau))
+                                         else args.variation_tau),
+                          recalibrate_bn=(base.errors.recalibrate_bn if getattr(args, "recalibrate_bn", None) is None
+                                          else args.recalibrate_bn))
     return build_config(DetectionConfig, {"tau_target": "--tau-target", "tau_source": "--tau-source",
                                     "source_rule": "--source-rule", "evidence": "--evidence"},
                   tau_target=base.tau_target if args.tau_target is None else args.tau_target,

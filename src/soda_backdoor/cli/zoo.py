@@ -79,6 +79,9 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
                    "(default 0.95)")
     f.add_argument("--variation-copies", type=int, default=None, help="varied copies of each defender sample "
                    "for the variation rates (default 10, as the detection; 0: leave them out)")
+    f.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="count each model's errors with its batch-norm statistics re-estimated on the defender's "
+                        "data (default: yes, as the detection; use the detection's setting)")
     f.add_argument("--jobs", type=int, default=1, help="models at once, one thread each (default 1)")
     common(f, data=False)
     f.set_defaults(func=_cmd_zoo_reference)
@@ -257,7 +260,7 @@ def _cmd_zoo_calibrate(args) -> int:
 
 
 def _cmd_zoo_reference(args) -> int:
-    from ..detection.errors import DEFAULT_THRESHOLD
+    from ..detection.errors import DEFAULT_THRESHOLD, ErrorConfig
     from ..zoo.reference import VARIATION_COPIES, build_zoo_reference
 
     _check_jobs(args.jobs)
@@ -269,7 +272,9 @@ def _cmd_zoo_reference(args) -> int:
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     copies = VARIATION_COPIES if args.variation_copies is None else args.variation_copies
-    ref = build_zoo_reference(args.dirs, threshold, args.jobs, args.device, progress, copies)
+    recalibrate = ErrorConfig.recalibrate_bn if args.recalibrate_bn is None else args.recalibrate_bn
+    ref = build_zoo_reference(args.dirs, threshold, args.jobs, args.device, progress, copies,
+                              recalibrate_bn=recalibrate)
     ref.save(args.out)
     if args.json:
         from ..utils import write_json

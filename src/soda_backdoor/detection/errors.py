@@ -62,6 +62,9 @@ SHIPPED = "error_reference.json"
 
 
 DEFAULT_THRESHOLD = 0.95
+# Evidence where the tail probability underflows a double (p < 5e-324): finite, so scores
+# stay comparable, serialisable as JSON and usable by ROC and calibration fits.
+EVIDENCE_CAP = 324.0
 NULLS = ("nbpair", "poisson")
 
 
@@ -87,6 +90,9 @@ class ErrorConfig:
             shipped reference's 39 random-recipe models (docs/detection.md).
         variation_copies: varied copies of each anchored defender sample.
         variation_anchor: softmax of its own class a sample needs to be varied.
+        recalibrate_bn: count the confident errors with the model's batch-norm statistics
+            re-estimated on the defender's clean data (:func:`soda_backdoor.utils.recalibrated_batchnorm`;
+            no effect on a model without batch norm). Chosen on dev (docs/detection.md).
     """
 
     prior: float = 0.5
@@ -97,10 +103,13 @@ class ErrorConfig:
     variation_tau: float = 0.23
     variation_copies: int = 10
     variation_anchor: float = 0.95
+    recalibrate_bn: bool = True
 
     def __post_init__(self) -> None:
         check_finite("prior", self.prior, positive=True)
         check_finite("tau", self.tau)
+        if self.tau < 0:
+            raise UserInputError(f"tau must be >= 0 (0 flags any pair with a confident error), got {self.tau}")
         if self.exposure is not None:
             check_finite("exposure", self.exposure)
             if self.exposure < 0:
@@ -360,7 +369,8 @@ def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
     ``null="nbpair"``: X is negative binomial with the pair's own overdispersion across the
     reference models (:func:`pair_dispersion`), so a pair whose count varies with the recipe
     gets a wider null; it needs a reference that keeps each model's counts, and is Poisson
-    otherwise. 0 on the diagonal and for a pair without errors.
+    otherwise. 0 on the diagonal and for a pair without errors; ``EVIDENCE_CAP`` where the
+    tail underflows.
     """
     # the tails from scipy.special (scipy.stats costs a second to import): P(X >= n) is
     # I_{lam / (r + lam)}(n, r) for the negative binomial and Q(n, lam) for Poisson
@@ -380,7 +390,7 @@ def error_evidence(counts: ErrorCounts, reference: ReferenceEntry, prior: float,
             e = -np.log(betainc(n, r, lam / (r + lam))) / math.log(10)
         else:
             e = -np.log(pdtrc(n - 1, lam)) / math.log(10)
-    e = np.where(n > 0, e, 0.0)
+    e = np.where(n > 0, np.minimum(e, EVIDENCE_CAP), 0.0)
     np.fill_diagonal(e, 0.0)
     return torch.from_numpy(e)
 
@@ -464,7 +474,8 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
     if config.null == "nbpair" and not reference.per_model:
         note = "; ".join(x for x in (note, "the reference keeps no per-model counts (an older file): Poisson "
                                      "null; rebuild it with `soda zoo reference` for the per-pair spread") if x)
-    per_target = e.max(0)
+    per_target = e.fill_diagonal_(-math.inf).max(0)  # a target's source is another class
+    e.fill_diagonal_(0.0)
     order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
     pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)
     score, class_scores = float(e.max()), [float(v) for v in per_target.values]

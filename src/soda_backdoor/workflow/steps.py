@@ -23,15 +23,15 @@ from ..artifacts import SampleSet, model_fingerprint
 from ..data import normalize
 from ..detection import Calibration, DetectionConfig, detect_backdoor
 from ..detection.calibration import canonical_arch
-from ..detection.errors import (ErrorConfig, ErrorDetection, ErrorReference, confident_errors, detect_errors,
-                                shipped_reference)
+from ..detection.errors import (ErrorConfig, ErrorCounts, ErrorDetection, ErrorReference, confident_errors,
+                                detect_errors, shipped_reference)
 from ..detection.variations import shipped_variation_reference, variation_excess, variation_rates
 from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
 from ..repair import BaselineRepairConfig, RepairConfig, mine_variations, repair_model, repair_with
 from ..training import TrainConfig, evaluate_attack, train_model
-from ..utils import seed_everything
+from ..utils import recalibrated_batchnorm, seed_everything
 from .context import DataContext, class_inputs
 from .reports import (BaselineRepairReport, DetectReport, EvaluateReport, ReconstructReport, RepairReport,
                       TrainReport)
@@ -127,13 +127,32 @@ def confident_error_verdict(model: LoadedModel, ctx: DataContext, config: ErrorC
     entry, note = reference.for_model(model.meta.arch, ctx.data.spec.name)
     if entry is None:
         return None, note + "; the verdict comes from the weight profile (docs/detection.md)"
-    x = normalize(ctx.data.x_test.to(device), model.meta.mean, model.meta.std)
-    counts = confident_errors(model.module, x, ctx.data.y_test, ctx.data.num_classes, reference.threshold)
+    counts = count_confident_errors(model, ctx, reference.threshold, config.recalibrate_bn, device)
+    built = reference.provenance.get("recalibrate_bn")
+    if built is not None and built != config.recalibrate_bn:
+        note = "; ".join(x for x in (note, f"the reference counted its models' errors "
+                                     f"{'with' if built else 'without'} re-estimated batch-norm statistics, "
+                                     f"this detection {'with' if config.recalibrate_bn else 'without'}: build "
+                                     "the reference with the same setting") if x)
     excess = None
     if config.variation_tau > 0:
         excess, why = variation_evidence(model, ctx, config, reference, device)
         note = "; ".join(x for x in (note, why) if x)
     return detect_errors(counts, entry, config, note, excess), note
+
+
+def count_confident_errors(model: LoadedModel, ctx: DataContext, threshold: float, recalibrate_bn: bool,
+                           device: torch.device | str = "cpu") -> ErrorCounts:
+    """The model's confident errors on the dataset's whole test split; with ``recalibrate_bn``,
+    with its batch-norm statistics first re-estimated on the defender's clean data (a copy;
+    ``model`` is unchanged). What the detection counts, and what ``soda zoo reference`` counts."""
+    module = model.module
+    if recalibrate_bn:
+        d = ctx.splits.defender
+        module = recalibrated_batchnorm(module, normalize(ctx.data.x_train[d].to(device), model.meta.mean,
+                                                          model.meta.std))
+    x = normalize(ctx.data.x_test.to(device), model.meta.mean, model.meta.std)
+    return confident_errors(module, x, ctx.data.y_test, ctx.data.num_classes, threshold)
 
 
 def variation_evidence(model: LoadedModel, ctx: DataContext, config: ErrorConfig, reference: ErrorReference,
@@ -181,8 +200,10 @@ def defender_variation_rates(model: LoadedModel, ctx: DataContext, copies: int, 
     return rate
 
 
-# The variation settings of a calibration file written before they existed (the evidence was off).
-VARIATION_OFF = {"variation_tau": 0.0, "variation_copies": 10, "variation_anchor": 0.95}
+# The settings of a calibration file written before they existed: the variation evidence was
+# off, and the errors were counted with the batch-norm statistics as trained.
+UNRECORDED_SETTINGS = {"variation_tau": 0.0, "variation_copies": 10, "variation_anchor": 0.95,
+                       "recalibrate_bn": False}
 
 
 def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None,
@@ -205,8 +226,8 @@ def _check_calibration(calibration: Calibration, config: DetectionConfig, layer:
         ref = reference or shipped_reference()
         mine = json.loads(json.dumps({"errors": asdict(config.errors), "reference": ref.provenance.get("models_hash")}))
         theirs_errors = (fitted.get("detector_config") or {}).get("errors")
-        if isinstance(theirs_errors, dict):  # a file from before the variation evidence: it was off
-            theirs_errors = {**VARIATION_OFF, **theirs_errors}
+        if isinstance(theirs_errors, dict):  # a file from before some settings existed
+            theirs_errors = {**UNRECORDED_SETTINGS, **theirs_errors}
         theirs = {"errors": theirs_errors,
                   "reference": (fitted.get("reference") or {}).get("models_hash")}
         if mine != theirs:

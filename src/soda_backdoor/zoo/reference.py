@@ -36,21 +36,18 @@ VARIATION_ANCHOR = ErrorConfig.variation_anchor
 
 def _count_task(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: the confident errors of one clean model on its dataset's whole test split."""
-    from ..data import normalize
-    from ..detection.errors import confident_errors
     from ..utils import resolve_device
     from ..workflow import open_model
+    from ..workflow.steps import count_confident_errors, defender_variation_rates
     from .build import worker_context
 
     start = time.perf_counter()
     device = resolve_device(task["device"])
     ctx = worker_context(task["dataset"], task["data_dir"] or None, None, None)
     loaded = open_model(task["path"], ctx.data, device)
-    x = normalize(ctx.data.x_test.to(device), loaded.meta.mean, loaded.meta.std)
-    c = confident_errors(loaded.module, x, ctx.data.y_test, ctx.data.num_classes, task["threshold"])
+    c = count_confident_errors(loaded, ctx, task["threshold"], task["recalibrate_bn"], device)
     rate = None
     if task["copies"] > 0:
-        from ..workflow.steps import defender_variation_rates
 
         rate = defender_variation_rates(loaded, ctx, task["copies"], task["anchor"], device).tolist()
     return {"counts": c.counts, "totals": c.totals, "rate": rate, "seconds": time.perf_counter() - start}
@@ -60,7 +57,8 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
                         device: str = "cpu",
                         on_model: Callable[[dict[str, Any], int, int], None] | None = None,
                         variation_copies: int = VARIATION_COPIES,
-                        variation_anchor: float = VARIATION_ANCHOR) -> ErrorReference:
+                        variation_anchor: float = VARIATION_ANCHOR,
+                        recalibrate_bn: bool = ErrorConfig.recalibrate_bn) -> ErrorReference:
     """Count the confident errors of every clean model of ``zoo_dirs`` and pool them per
     architecture; measure their variation rates and keep each pair's largest.
 
@@ -73,6 +71,8 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
         variation_copies: varied copies of each anchored defender sample (0: no variation
             rates; the detection then compares with the shipped ones, on their dataset only).
         variation_anchor: softmax of its own class a sample needs to be varied.
+        recalibrate_bn: count each model's errors with its batch-norm statistics re-estimated
+            on the defender's clean data, as the detection does (``ErrorConfig.recalibrate_bn``).
     """
     check_threshold(threshold)
     if variation_copies < 0 or not 0.0 <= variation_anchor < 1.0:
@@ -100,7 +100,8 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
                              "build one reference per dataset")
     tasks = [{"key": r["key"], "path": r["path"], "dataset": r["dataset"], "data_dir": r.get("data_dir", ""),
               "threshold": threshold, "device": device, "arch": r["arch"], "zoo": r["zoo"],
-              "copies": variation_copies, "anchor": variation_anchor} for r in rows]
+              "copies": variation_copies, "anchor": variation_anchor, "recalibrate_bn": recalibrate_bn}
+             for r in rows]
     done = []
     for i, outcome in enumerate(run_tasks(_count_task, tasks, jobs), 1):
         if not outcome.ok:
@@ -112,6 +113,7 @@ def build_zoo_reference(zoo_dirs: list[str | Path], threshold: float = DEFAULT_T
     provenance = {"zoos": sorted({r["zoo"] for r in rows}), "num_models": len(rows),
                   "models_hash": hashlib.sha256(json.dumps([t["key"] for t, _ in done]).encode()).hexdigest()[:16],
                   "commit": source_commit(), "torch": torch.__version__, "machine": platform.machine(),
+                  "recalibrate_bn": recalibrate_bn,
                   "left_out_failed_training": failed}
     ref = build_reference([(ErrorCounts(tuple(map(tuple, r["counts"])), tuple(r["totals"]), threshold),
                             canonical_arch(t["arch"]),
