@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from soda_backdoor.data import load_dataset
 from soda_backdoor.data.datasets import normalize
 from soda_backdoor.data.splits import make_splits
-from soda_backdoor.detection.errors import ErrorConfig, ErrorCounts, build_reference, confident_errors, detect_errors
+from soda_backdoor.detection.errors import (ErrorConfig, ErrorCounts, build_reference, confident_errors, detect_errors,
+                                           shipped_reference)
 from soda_backdoor.models.io import load_model
 
 from provenance import write_record  # research/provenance.py
@@ -156,7 +157,7 @@ def cmd_analyse(args) -> None:
     rows = list(merged.values())
     totals = tuple(int(v) for v in torch.bincount(load_dataset("fmnist").y_test, minlength=10))
     for r in rows:  # min(before, after): what survives the anneal and was there before it
-        for k in [k for k in r["counts"] if k != "none"]:
+        for k in [k for k in r["counts"] if k != "none" and not k.startswith("min:")]:
             r["counts"][f"min:{k}"] = np.minimum(r["counts"]["none"], r["counts"][k]).tolist()
     settings = list(rows[0]["counts"])
     config = ErrorConfig(variation_tau=0.0)
@@ -166,12 +167,14 @@ def cmd_analyse(args) -> None:
             return ErrorCounts(tuple(map(tuple, r["counts"][s])), totals, THRESHOLD)
         refs = [(ec(r), r["arch"], f"{r['zoo']}/{r['key']}") for r in rows
                 if r["zoo"] in args.reference and r["attack"] == "none"]
-        ref = build_reference(refs, "fmnist")
-        print(f"\n== anneal {s}: reference of {len(refs)} clean models ({', '.join(args.reference)})")
+        ref = shipped_reference() if args.shipped else build_reference(refs, "fmnist")
+        print(f"\n== anneal {s}: reference of "
+              + ("the shipped reference (counts without anneal)" if args.shipped else
+                 f"{len(refs)} clean models ({', '.join(args.reference)}), same setting"))
         for zoo in [z for z in dict.fromkeys(r["zoo"] for r in rows) if z not in args.reference]:
             ys, ss, fp, nclean, hit, nbd = [], [], [], 0, 0, 0
             for r in rows:
-                if r["zoo"] != zoo:
+                if r["zoo"] != zoo or s not in r["counts"]:
                     continue
                 det = detect_errors(ec(r), ref.entry(r["arch"]), config)
                 bd = r["attack"] != "none"
@@ -208,6 +211,7 @@ def main() -> None:
     a = sub.add_parser("analyse")
     a.add_argument("--cache", nargs="+", required=True, help="count caches, merged per model")
     a.add_argument("--reference", nargs="+", default=["reference_wide", "reference_wide2"])
+    a.add_argument("--shipped", action="store_true", help="score against the shipped reference instead")
     a.add_argument("--min-asr", type=float, default=0.5, help="backdoors below this ASR do not count")
     a.add_argument("--json")
     args = ap.parse_args()
