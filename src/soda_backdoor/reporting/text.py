@@ -79,8 +79,10 @@ def format_errors(err: dict[str, Any], names: Sequence[str], probs: Sequence[flo
     """The confident-error evidence per target class (``ErrorDetection.to_dict()``)."""
     c = err["counts"]
     flagged = {p["target"] for p in err["pairs"]}
-    lines = [f"confident errors (softmax >= {c['threshold']:g}) on {sum(c['totals'])} test samples, against the "
-             f"reference {err['reference']}, {null_name(err)} null; the verdict rests on them "
+    recal = (" (batch-norm statistics, where the model has them, re-estimated on the defender's data)"
+             if err["config"].get("recalibrate_bn") else "")
+    lines = [f"confident errors (softmax >= {c['threshold']:g}) on {sum(c['totals'])} test samples{recal}, against "
+             f"the reference {err['reference']}, {null_name(err)} null; the verdict rests on them "
              f"(threshold {err['config']['tau']:g}):",
              f"{'target':<18}{'from source':<18}{'errors':>7}{'evidence':>10}" + (f"{'P(target)':>11}" if probs else "")]
     ev = err["evidence"]
