@@ -474,8 +474,7 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
     if config.null == "nbpair" and not reference.per_model:
         note = "; ".join(x for x in (note, "the reference keeps no per-model counts (an older file): Poisson "
                                      "null; rebuild it with `soda zoo reference` for the per-pair spread") if x)
-    per_target = e.fill_diagonal_(-math.inf).max(0)  # a target's source is another class
-    e.fill_diagonal_(0.0)
+    per_target = e.clone().fill_diagonal_(-math.inf).max(0)  # a target's source is another class
     order = sorted(range(counts.num_classes), key=lambda t: -float(per_target.values[t]))
     pairs = tuple((int(per_target.indices[t]), t) for t in order if float(per_target.values[t]) > config.tau)
     score, class_scores = float(e.max()), [float(v) for v in per_target.values]
