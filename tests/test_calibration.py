@@ -106,6 +106,25 @@ def test_an_uncovered_arch_or_dataset_gets_no_probability() -> None:
         Calibration.from_dict({"detector": "soda"})
 
 
+def test_the_log_transform_and_files_from_before_it() -> None:
+    rows = _rows({"cnn": (6, 8)}) + [{**_rows({"cnn": (0, 1)}, 5)[0], "score": 250.0, "key": "tail"}]
+    log, raw = (fit_calibration(rows, "soda", transform=t) for t in ("log", "identity"))
+    m = log.for_arch("cnn", "fmnist").model
+    assert m.transform == "log" and raw.for_arch("cnn", "fmnist").model.transform == "identity"
+    assert log.probability(3.0, "cnn") == pytest.approx(1 / (1 + np.exp(-(m.slope * np.log1p(3.0) + m.intercept))))
+    assert log.probability(-2.0, "cnn") < log.probability(0.0, "cnn")  # sign(s) log(1 + |s|): monotone below 0
+    # a file written before the transform existed reads its maps as the raw score
+    old = log.to_dict()
+    for a in old["archs"]:
+        for k in ("model", "target"):
+            del a[k]["transform"]
+    again = Calibration.from_dict(old)
+    assert again.for_arch("cnn", "fmnist").model.transform == "identity"
+    assert again.probability(3.0, "cnn") == pytest.approx(1 / (1 + np.exp(-(m.slope * 3.0 + m.intercept))))
+    with pytest.raises(UserInputError, match="unknown calibration transform 'sqrt'"):
+        fit_calibration(rows, "soda", transform="sqrt")
+
+
 def _cached_zoo(root: Path, rows: list[dict]) -> Path:
     """A zoo folder of manifest rows and soda's cached scores at the default settings (no model files)."""
     root.mkdir()
@@ -156,6 +175,15 @@ def test_zoo_calibrate_then_score_with_the_calibration(tmp_path: Path, capsys) -
             assert row["probability"] is None and "no calibration for arch vgg" in row["calibration_note"]
         else:
             assert 0 < row["probability"] < 1 and len(row["class_probabilities"]) == NUM_CLASSES
+    # two dev zoos fitted together: their models pooled, both named in the record
+    dev2 = _cached_zoo(tmp_path / "dev2", _rows({"cnn": (2, 3), "lenet": (3, 2)}, seed=3))
+    assert main(["zoo", "calibrate", str(dev), str(dev2), "--out", str(cal_path), "--quiet"]) == 0
+    assert "lenet: " not in capsys.readouterr().out  # 5 clean / 6 backdoored lenets: their own fit
+    both = json.loads(cal_path.read_text())
+    assert (both["num_clean"], both["num_backdoored"]) == (13, 17) and both["zoo"] == f"{dev}, {dev2}"
+    assert both["zoo_spec"]["name"] == "dev + dev2" and both["zoo_spec"]["hash"] != cal["zoo_spec"]["hash"]
+    assert main(["zoo", "calibrate", str(dev), str(dev), "--out", str(cal_path)]) == 2
+    assert "a zoo is given twice" in capsys.readouterr().err
     # a soda calibration does not calibrate Neural Cleanse
     assert main(["zoo", "score", str(test), "--detector", "nc", "--calibration", str(cal_path)]) == 2
     assert "calibrates detector soda, not nc" in capsys.readouterr().err

@@ -16,6 +16,7 @@ ZOO_EXAMPLES = """examples:
   soda zoo score zoos/dev --detector nc                         # the Neural Cleanse baseline
   soda zoo reference zoos/reference --out ref.json              # the confident-error null from clean models
   soda zoo calibrate zoos/dev --out calib.json                  # P(backdoor) fitted on dev's scores
+  soda zoo calibrate zoos/dev zoos/lowratio_dev --out calib.json  # ... on two dev zoos' models together
   soda zoo score zoos/test --calibration calib.json             # its log loss and Brier on test
   soda zoo repair zoos/dev --methods soda finetune fineprune nad anp --json repair.json
 """
@@ -49,18 +50,23 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
     common(s, data=False)
     detect_args(s)
     s.set_defaults(func=_cmd_zoo_score)
-    c = verbs.add_parser("calibrate", help="fit P(backdoor) and P(class is the target) to a zoo's scores",
-                         description="Score the zoo as `soda zoo score` does (cached), then fit a logistic map "
-                                     "(Platt scaling, regularised) from the detector's scores to probabilities, per "
-                                     "architecture where the zoo has enough models of it, pooled otherwise. Fit on "
-                                     "the dev zoo; measure with `soda zoo score TEST --calibration` (docs/zoo.md).")
-    c.add_argument("dir", help="a folder written by `soda zoo build`")
+    c = verbs.add_parser("calibrate", help="fit P(backdoor) and P(class is the target) to zoos' scores",
+                         description="Score the zoos as `soda zoo score` does (cached), then fit a logistic map "
+                                     "(Platt scaling, regularised) from the detector's scores to probabilities over "
+                                     "all their models, per architecture where they hold enough models of it, "
+                                     "pooled otherwise. Fit on dev zoos; measure with `soda zoo score TEST "
+                                     "--calibration` (docs/zoo.md).")
+    c.add_argument("dirs", nargs="+", metavar="dir", help="folders written by `soda zoo build` (dev zoos; their "
+                   "models are fitted together)")
     c.add_argument("--out", required=True, help="the calibration (JSON), for `soda detect --calibration`")
     c.add_argument("--detector", default="soda", choices=["soda", "nc"], help="whose scores: soda (default) or nc")
     c.add_argument("--jobs", type=int, default=1, help="detections at once, one thread each (default 1)")
     c.add_argument("--min-models", type=int, default=4, help="clean and backdoored models an architecture needs "
                    "for its own fit; with fewer it uses the fit over every model (default 4)")
     c.add_argument("--pooled", action="store_true", help="one fit over every model for every architecture")
+    c.add_argument("--transform", default=None, choices=["log", "identity"],
+                   help="how the maps read a score: log, sign(s) log(1 + |s|) (default; the evidence has a heavy "
+                        "tail), or identity (the raw score, as calibrations before 2026-12-02)")
     common(c, data=False)
     detect_args(c)
     c.set_defaults(func=_cmd_zoo_calibrate)
@@ -135,8 +141,9 @@ def _cmd_zoo_build(args) -> int:
     return 1 if rep.failed else 0
 
 
-def _scored_zoo(args):
-    """Score the zoo as ``soda zoo score`` does (the same config, cache and progress lines)."""
+def _scored_zoo(args, zoo_dir: str | None = None):
+    """Score the zoo ``zoo_dir`` (default ``args.dir``) as ``soda zoo score`` does (the same
+    config, cache and progress lines)."""
     from ..zoo.score import score_zoo, settings_key
     from .main import _detection_config
 
@@ -159,7 +166,7 @@ def _scored_zoo(args):
             what = f"score {row['score']:.2f}" if "error" not in row else f"FAILED: {row['error']}"
             print(f"[{done}/{total}] {row['key']}: {what}", file=sys.stderr, flush=True)
 
-    return score_zoo(args.dir, args.detector, config, args.layer, args.jobs, args.device, key, progress,
+    return score_zoo(zoo_dir or args.dir, args.detector, config, args.layer, args.jobs, args.device, key, progress,
                      reference), key
 
 
@@ -233,24 +240,33 @@ def _cmd_zoo_calibrate(args) -> int:
 
     from ..artifacts import save_calibration
     from ..detection import fit_calibration
+    from ..detection.calibration import DEFAULT_TRANSFORM
     from ..errors import UserInputError
     from ..utils import write_json
 
     if args.min_models < 1:
         raise UserInputError(f"--min-models must be at least 1, got {args.min_models}")
-    score, key = _scored_zoo(args)
-    cal = fit_calibration(score.rows, args.detector, min_clean=args.min_models, min_backdoored=args.min_models,
-                          pooled=args.pooled, zoo=str(args.dir),
-                          zoo_spec=_zoo_spec(Path(args.dir), [r["key"] for r in score.rows]),
-                          detector_settings=key, settings=score.config, torch=torch.__version__,
+    if len(set(args.dirs)) < len(args.dirs):
+        raise UserInputError(f"a zoo is given twice: {' '.join(args.dirs)}")
+    scored = [_scored_zoo(args, d) for d in args.dirs]
+    key, score = scored[0][1], scored[0][0]  # one key: the same settings score every zoo
+    specs = [_zoo_spec(Path(d), [r["key"] for r in s.rows]) for d, (s, _) in zip(args.dirs, scored)]
+    spec = specs[0] if len(specs) == 1 else {
+        "name": " + ".join(x["name"] for x in specs), "path": ", ".join(x["path"] for x in specs),
+        "hash": hashlib.sha256(json.dumps([x["hash"] for x in specs]).encode()).hexdigest()[:16]}
+    cal = fit_calibration([r for s, _ in scored for r in s.rows], args.detector, min_clean=args.min_models,
+                          min_backdoored=args.min_models, pooled=args.pooled, transform=args.transform or DEFAULT_TRANSFORM, zoo=", ".join(map(str, args.dirs)),
+                          zoo_spec=spec, detector_settings=key, settings=score.config, torch=torch.__version__,
                           commit=source_commit())
     save_calibration(args.out, cal)
     if args.json:
         write_json(args.json, cal.to_dict())
     print(f"calibration of {cal.describe()}")
-    print(f"{'arch':<10}{'clean':>6}{'bd':>5}  {'P(backdoor) = s(a*score + b)':<32}{'P(class = target) = s(a*class score + b)':<34}")
+    x = "log(1+{})" if (args.transform or DEFAULT_TRANSFORM) == "log" else "{}"
+    heads = (f"P(backdoor) = s(a*{x.format('score')} + b)", f"P(class = target) = s(a*{x.format('class score')} + b)")
+    print(f"{'arch':<10}{'clean':>6}{'bd':>5}  {heads[0]:<40}{heads[1]:<34}")
     for a in cal.archs:
-        maps = "".join(f"{f'a {m.slope:.3f}, b {m.intercept:.3f}' + (' (a<0->0)' if m.clamped else ''):<32}  "
+        maps = "".join(f"{f'a {m.slope:.3f}, b {m.intercept:.3f}' + (' (a<0->0)' if m.clamped else ''):<40}"
                        for m in (a.model, a.target))
         print(f"{a.arch:<10}{a.num_clean:>6}{a.num_backdoored:>5}  {maps}{'pooled' if a.pooled else ''}".rstrip())
     for note in cal.notes:

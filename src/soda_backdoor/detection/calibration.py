@@ -5,7 +5,11 @@ model-level score). A :class:`Calibration` maps them to probabilities, as TrojAI
 detectors: ``P(backdoor)`` from the model-level score and, per class, ``P(class k is the
 target)`` from its anomaly index. Both maps are logistic (Platt scaling, Platt 1999),
 fitted on the models of a zoo whose labels are known (docs/zoo.md), per architecture where
-the zoo has enough models of it, and pooled over the zoo otherwise.
+the zoo has enough models of it, and pooled over the zoo otherwise. A map reads the score
+through ``transform``: ``log`` (the default for new fits), ``sign(s) log(1 + |s|)``, or
+``identity``. The evidence has a heavy tail (a dev backdoor scores 2.2, another 258): on the
+raw score one logistic slope cannot be steep near the threshold and right in the tail, so the
+fit flattens and every score gets a middling probability (docs/detection.md, "Calibration").
 
 Two things keep a handful of models from giving probabilities of 0 or 1: Platt's targets
 (``(N+ + 1) / (N+ + 2)`` for the positives, ``1 / (N- + 2)`` for the negatives, instead of
@@ -35,6 +39,8 @@ MIN_CLEAN = 4
 MIN_BACKDOORED = 4
 DEFAULT_C = 1.0
 SCORE_CAP = 1e3  # an infinite anomaly index (zero MAD) counts as this
+TRANSFORMS = ("log", "identity")
+DEFAULT_TRANSFORM = "log"  # chosen on the dev zoos (docs/detection.md, "Calibration")
 
 
 def _finite(score: float) -> float:
@@ -42,6 +48,16 @@ def _finite(score: float) -> float:
     if score != score:
         return 0.0
     return max(-SCORE_CAP, min(SCORE_CAP, float(score)))
+
+
+def transformed(score: float, transform: str) -> float:
+    """``score`` (made finite) as a map of ``transform`` reads it: ``log`` is ``sign(s) log(1 + |s|)``."""
+    s = _finite(score)
+    if transform == "identity":
+        return s
+    if transform == "log":
+        return math.copysign(math.log1p(abs(s)), s)
+    raise UserInputError(f"unknown calibration transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
 
 
 def canonical_arch(arch: str) -> str:
@@ -63,7 +79,7 @@ def _sigmoid(z: float) -> float:
 
 @dataclass(frozen=True)
 class PlattMap:
-    """``p = 1 / (1 + exp(-(slope * score + intercept)))``.
+    """``p = 1 / (1 + exp(-(slope * f(score) + intercept)))``, ``f`` the ``transform``.
 
     Attributes:
         slope: weight of the score (at least 0).
@@ -71,6 +87,8 @@ class PlattMap:
         num_positive: positives it was fitted on (backdoored models, or target classes).
         num_negative: negatives it was fitted on.
         clamped: the fitted slope was negative and was set to 0 (the map gives the base rate).
+        transform: how the map reads the score (:func:`transformed`); ``identity`` in a file
+            written before the transform existed.
     """
 
     slope: float
@@ -78,14 +96,16 @@ class PlattMap:
     num_positive: int
     num_negative: int
     clamped: bool = False
+    transform: str = "identity"
 
     def probability(self, score: float) -> float:
         """The probability at ``score``, in (0, 1) for any finite slope and score."""
-        return _sigmoid(self.slope * _finite(score) + self.intercept)
+        return _sigmoid(self.slope * transformed(score, self.transform) + self.intercept)
 
 
-def fit_platt(scores: Sequence[float], labels: Sequence[int], c: float = DEFAULT_C) -> PlattMap:
-    """Platt scaling: a logistic regression of the labels on the scores.
+def fit_platt(scores: Sequence[float], labels: Sequence[int], c: float = DEFAULT_C,
+              transform: str = DEFAULT_TRANSFORM) -> PlattMap:
+    """Platt scaling: a logistic regression of the labels on the scores (read through ``transform``).
 
     The labels are replaced by Platt's targets, as sample weights on a positive and a negative
     copy of each score, and the slope has an L2 penalty of inverse strength ``c``.
@@ -94,11 +114,12 @@ def fit_platt(scores: Sequence[float], labels: Sequence[int], c: float = DEFAULT
         scores: one score per example.
         labels: 1 (positive) or 0, one per example; both must occur.
         c: inverse regularisation strength (scikit-learn's ``C``).
+        transform: ``log`` or ``identity`` (:func:`transformed`).
     """
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    x = np.array([_finite(s) for s in scores], dtype=float)
+    x = np.array([transformed(s, transform) for s in scores], dtype=float)
     y = np.array(labels, dtype=int)
     num_pos, num_neg = int(y.sum()), int(len(y) - y.sum())
     if not num_pos or not num_neg:
@@ -108,9 +129,9 @@ def fit_platt(scores: Sequence[float], labels: Sequence[int], c: float = DEFAULT
                                       sample_weight=np.concatenate([target, 1 - target]))
     slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
     if slope >= 0:
-        return PlattMap(slope, intercept, num_pos, num_neg)
+        return PlattMap(slope, intercept, num_pos, num_neg, transform=transform)
     base = float(target.mean())  # the intercept-only fit: the mean of the targets
-    return PlattMap(0.0, math.log(base / (1 - base)), num_pos, num_neg, clamped=True)
+    return PlattMap(0.0, math.log(base / (1 - base)), num_pos, num_neg, clamped=True, transform=transform)
 
 
 @dataclass(frozen=True)
@@ -258,14 +279,14 @@ def _labels(rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[int], lis
     return ms, ml, cs, cl
 
 
-def _fit_maps(rows: Sequence[dict[str, Any]], c: float) -> tuple[PlattMap, PlattMap]:
+def _fit_maps(rows: Sequence[dict[str, Any]], c: float, transform: str) -> tuple[PlattMap, PlattMap]:
     ms, ml, cs, cl = _labels(rows)
-    return fit_platt(ms, ml, c), fit_platt(cs, cl, c)
+    return fit_platt(ms, ml, c, transform), fit_platt(cs, cl, c, transform)
 
 
 def fit_calibration(rows: Sequence[dict[str, Any]], detector: str, c: float = DEFAULT_C,
                     min_clean: int = MIN_CLEAN, min_backdoored: int = MIN_BACKDOORED, pooled: bool = False,
-                    **record: Any) -> Calibration:
+                    transform: str = DEFAULT_TRANSFORM, **record: Any) -> Calibration:
     """Fit the maps on the rows of a scored zoo (``ZooScore.rows``).
 
     Each architecture with at least ``min_clean`` clean and ``min_backdoored`` backdoored
@@ -280,12 +301,15 @@ def fit_calibration(rows: Sequence[dict[str, Any]], detector: str, c: float = DE
         min_clean: clean models an arch needs for its own fit.
         min_backdoored: backdoored models an arch needs for its own fit.
         pooled: one fit for every arch.
+        transform: how the maps read the scores: ``log`` (default) or ``identity`` (:func:`transformed`).
         **record: what else the calibration records (``zoo``, ``zoo_spec``,
             ``detector_settings``, ``settings``, ``torch``, ``commit``).
 
     Raises:
         UserInputError: the rows hold no clean or no backdoored model, or several datasets.
     """
+    if transform not in TRANSFORMS:
+        raise UserInputError(f"unknown calibration transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
     counted = [{**r, "arch": canonical_arch(r["arch"])} for r in rows if r["role"] in ("clean", "backdoored")]
     datasets = sorted({r["dataset"] for r in counted})
     n_clean = sum(r["role"] == "clean" for r in counted)
@@ -295,14 +319,14 @@ def fit_calibration(rows: Sequence[dict[str, Any]], detector: str, c: float = DE
                              f"{n_bad} backdoored (excluded models left out)")
     if len(datasets) > 1:
         raise UserInputError(f"a calibration is for one dataset; the zoo has {', '.join(datasets)}")
-    all_maps = _fit_maps(counted, c)
+    all_maps = _fit_maps(counted, c, transform)
     archs, notes = [], []
     for arch in sorted({r["arch"] for r in counted}):
         mine = [r for r in counted if r["arch"] == arch]
         nc = sum(r["role"] == "clean" for r in mine)
         nb = len(mine) - nc
         own = not pooled and nc >= min_clean and nb >= min_backdoored
-        model, target = _fit_maps(mine, c) if own else all_maps
+        model, target = _fit_maps(mine, c, transform) if own else all_maps
         if not own:
             why = "--pooled" if pooled else f"fewer than {min_clean} clean or {min_backdoored} backdoored models"
             notes.append(f"{arch}: {nc} clean / {nb} backdoored models, pooled fit over all {len(counted)} ({why})")
