@@ -36,27 +36,14 @@ import torch
 
 from soda_backdoor.data import load_dataset
 from soda_backdoor.data.datasets import normalize
-from soda_backdoor.data.splits import make_splits
 from soda_backdoor.detection.errors import ErrorConfig, ErrorCounts, build_reference, detect_errors
 from soda_backdoor.models.io import load_model
 from soda_backdoor.utils import inference_view, recalibrated_batchnorm
 
+from anneal_count import ZOOS, _data, rows_of  # research/anneal_count.py: the zoos and the defender data
 from provenance import write_record  # research/provenance.py
 
-ZOOS = Path("/work/zoos")
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)
-_DATA = {}
-
-
-def rows_of(zoo: str) -> list[dict]:
-    return [json.loads(line) for line in (ZOOS / zoo / "manifest.jsonl").read_text().splitlines()]
-
-
-def _data():
-    if not _DATA:
-        data = load_dataset("fmnist")
-        _DATA.update(data=data, xd=data.x_train[make_splits(data, None, seed=0).defender])
-    return _DATA
 
 
 @torch.no_grad()
