@@ -182,7 +182,7 @@ def test_zoo_calibrate_then_score_with_the_calibration(tmp_path: Path, capsys) -
     both = json.loads(cal_path.read_text())
     assert (both["num_clean"], both["num_backdoored"]) == (13, 17) and both["zoo"] == f"{dev}, {dev2}"
     assert both["zoo_spec"]["name"] == "dev + dev2" and both["zoo_spec"]["hash"] != cal["zoo_spec"]["hash"]
-    assert main(["zoo", "calibrate", str(dev), str(dev), "--out", str(cal_path)]) == 2
+    assert main(["zoo", "calibrate", str(dev), f"{dev}/", "--out", str(cal_path)]) == 2
     assert "a zoo is given twice" in capsys.readouterr().err
     # a soda calibration does not calibrate Neural Cleanse
     assert main(["zoo", "score", str(test), "--detector", "nc", "--calibration", str(cal_path)]) == 2

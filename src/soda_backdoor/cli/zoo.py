@@ -246,8 +246,9 @@ def _cmd_zoo_calibrate(args) -> int:
 
     if args.min_models < 1:
         raise UserInputError(f"--min-models must be at least 1, got {args.min_models}")
-    if len(set(args.dirs)) < len(args.dirs):
+    if len({Path(d).resolve() for d in args.dirs}) < len(args.dirs):
         raise UserInputError(f"a zoo is given twice: {' '.join(args.dirs)}")
+    transform = args.transform or DEFAULT_TRANSFORM
     scored = [_scored_zoo(args, d) for d in args.dirs]
     key, score = scored[0][1], scored[0][0]  # one key: the same settings score every zoo
     specs = [_zoo_spec(Path(d), [r["key"] for r in s.rows]) for d, (s, _) in zip(args.dirs, scored)]
@@ -255,14 +256,15 @@ def _cmd_zoo_calibrate(args) -> int:
         "name": " + ".join(x["name"] for x in specs), "path": ", ".join(x["path"] for x in specs),
         "hash": hashlib.sha256(json.dumps([x["hash"] for x in specs]).encode()).hexdigest()[:16]}
     cal = fit_calibration([r for s, _ in scored for r in s.rows], args.detector, min_clean=args.min_models,
-                          min_backdoored=args.min_models, pooled=args.pooled, transform=args.transform or DEFAULT_TRANSFORM, zoo=", ".join(map(str, args.dirs)),
+                          min_backdoored=args.min_models, pooled=args.pooled, transform=transform,
+                          zoo=", ".join(map(str, args.dirs)),
                           zoo_spec=spec, detector_settings=key, settings=score.config, torch=torch.__version__,
                           commit=source_commit())
     save_calibration(args.out, cal)
     if args.json:
         write_json(args.json, cal.to_dict())
     print(f"calibration of {cal.describe()}")
-    x = "log(1+{})" if (args.transform or DEFAULT_TRANSFORM) == "log" else "{}"
+    x = "log(1+{})" if transform == "log" else "{}"
     heads = (f"P(backdoor) = s(a*{x.format('score')} + b)", f"P(class = target) = s(a*{x.format('class score')} + b)")
     print(f"{'arch':<10}{'clean':>6}{'bd':>5}  {heads[0]:<40}{heads[1]:<34}")
     for a in cal.archs:

@@ -7,9 +7,10 @@ target)`` from its anomaly index. Both maps are logistic (Platt scaling, Platt 1
 fitted on the models of a zoo whose labels are known (docs/zoo.md), per architecture where
 the zoo has enough models of it, and pooled over the zoo otherwise. A map reads the score
 through ``transform``: ``log`` (the default for new fits), ``sign(s) log(1 + |s|)``, or
-``identity``. The evidence has a heavy tail (a dev backdoor scores 2.2, another 258): on the
+``identity``. The evidence has a heavy tail (a dev backdoor scores 2.2, another 180): on the
 raw score one logistic slope cannot be steep near the threshold and right in the tail, so the
-fit flattens and every score gets a middling probability (docs/detection.md, "Calibration").
+fit flattens and every score gets a middling probability (docs/detection.md, "Realistic
+poisoning on dev, and a calibration on a log scale").
 
 Two things keep a handful of models from giving probabilities of 0 or 1: Platt's targets
 (``(N+ + 1) / (N+ + 2)`` for the positives, ``1 / (N- + 2)`` for the negatives, instead of
@@ -40,7 +41,7 @@ MIN_BACKDOORED = 4
 DEFAULT_C = 1.0
 SCORE_CAP = 1e3  # an infinite anomaly index (zero MAD) counts as this
 TRANSFORMS = ("log", "identity")
-DEFAULT_TRANSFORM = "log"  # chosen on the dev zoos (docs/detection.md, "Calibration")
+DEFAULT_TRANSFORM = "log"  # chosen on the dev zoos (docs/detection.md, "... a calibration on a log scale")
 
 
 def _finite(score: float) -> float:
@@ -52,12 +53,15 @@ def _finite(score: float) -> float:
 
 def transformed(score: float, transform: str) -> float:
     """``score`` (made finite) as a map of ``transform`` reads it: ``log`` is ``sign(s) log(1 + |s|)``."""
+    check_transform(transform)
     s = _finite(score)
-    if transform == "identity":
-        return s
-    if transform == "log":
-        return math.copysign(math.log1p(abs(s)), s)
-    raise UserInputError(f"unknown calibration transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+    return math.copysign(math.log1p(abs(s)), s) if transform == "log" else s
+
+
+def check_transform(transform: str) -> None:
+    """A :class:`UserInputError` unless ``transform`` is one of ``TRANSFORMS``."""
+    if transform not in TRANSFORMS:
+        raise UserInputError(f"unknown calibration transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
 
 
 def canonical_arch(arch: str) -> str:
@@ -308,8 +312,7 @@ def fit_calibration(rows: Sequence[dict[str, Any]], detector: str, c: float = DE
     Raises:
         UserInputError: the rows hold no clean or no backdoored model, or several datasets.
     """
-    if transform not in TRANSFORMS:
-        raise UserInputError(f"unknown calibration transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+    check_transform(transform)
     counted = [{**r, "arch": canonical_arch(r["arch"])} for r in rows if r["role"] in ("clean", "backdoored")]
     datasets = sorted({r["dataset"] for r in counted})
     n_clean = sum(r["role"] == "clean" for r in counted)
