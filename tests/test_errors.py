@@ -330,3 +330,21 @@ def test_variation_reference_loads_and_refuses_a_bad_file() -> None:
         VariationReference.from_dict({"format": "x"})
     with pytest.raises(UserInputError, match="square"):
         VariationReference.from_dict({**ref.to_dict(), "rate_max": [[0.1, 0.2]]})
+
+
+def test_the_report_names_a_pair_under_the_threshold_where_low_rate_backdoors_score() -> None:
+    from soda_backdoor.detection.errors import SENSITIVE_TAU
+    from soda_backdoor.reporting.text import near_miss
+
+    names = [f"c{k}" for k in range(4)]
+    ev = [[0.0] * 4 for _ in range(4)]
+    ev[1][3], ev[0][2] = 2.5, 1.2
+    err = {"evidence": ev, "config": {"tau": 2.99}, "pairs": []}
+    line = near_miss(err, names)
+    assert line.startswith("1 (c1) -> 3 (c3) has evidence 2.50: under the threshold 2.99, over 2") and "--tau-errors 2" in line
+    # nothing to say: the strongest pair is under the sensitive point, flagged, or the threshold is already there
+    ev[1][3] = SENSITIVE_TAU - 0.1
+    assert near_miss(err, names) == ""
+    ev[1][3] = 2.5
+    assert near_miss({**err, "pairs": [{"source": 1, "target": 3}]}, names) == ""
+    assert near_miss({**err, "config": {"tau": SENSITIVE_TAU}}, names) == ""

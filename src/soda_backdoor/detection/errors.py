@@ -65,6 +65,11 @@ DEFAULT_THRESHOLD = 0.95
 # Evidence where the tail probability underflows a double (p < 5e-324): finite, so scores
 # stay comparable, serialisable as JSON and usable by ROC and calibration fits.
 EVIDENCE_CAP = 324.0
+# Evidence from which an unflagged pair is worth a look: on the dev zoos poisoned at a
+# realistic rate, every backdoor scores over it, and so do 4 of 40 clean reference models
+# (1 of 40 over the default tau); the report names such a pair (docs/detection.md,
+# "Realistic poisoning on dev, and a calibration on a log scale").
+SENSITIVE_TAU = 2.0
 NULLS = ("nbpair", "poisson")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UserInputError
 from ..utils import write_atomic
 from . import plots
-from .text import class_label, null_name
+from .text import class_label, near_miss, null_name
 
 
 
@@ -98,6 +98,9 @@ def render_report(run_dir: str | Path) -> Path:
                 how += (f"; the largest excess rate of natural variations is {max_v:.3f}, below "
                         f"{err['config']['variation_tau']:g}")
         verdict += f"<p>How sure: {html.escape(how)}.</p>"
+        closer = near_miss(err, names)
+        if closer:
+            verdict += f"<p>Look closer: {html.escape(closer)}.</p>"
     if det and det.get("note"):
         verdict += f"<p>Note: {html.escape(det['note'])}</p>"
     if det and not err:

@@ -59,6 +59,9 @@ def format_detection(res: dict[str, Any]) -> str:
             max_v = max(v for s, row in enumerate(vx) for t, v in enumerate(row) if s != t)
             why += f"; no variation excess reaches {err['config']['variation_tau']:g}; max {max_v:.3f}"
         lines.append(f"VERDICT: no semantic backdoor detected ({why})")
+    closer = near_miss(err, names) if err else ""
+    if closer:
+        lines.append(f"look closer: {closer}")
     else:
         lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
                      f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
@@ -66,6 +69,25 @@ def format_detection(res: dict[str, Any]) -> str:
         lines.append(cal["message"] if cal["probability"] is None else
                      f"P(backdoor) = {cal['probability']:.3f} (calibrated on {cal['fitted_on']})")
     return "\n".join(lines)
+
+
+def near_miss(err: dict[str, Any], names: Sequence[str]) -> str:
+    """A sentence on the strongest unflagged pair when its evidence is under the threshold but
+    at least ``SENSITIVE_TAU``, where backdoors poisoned at a low rate score; else ``""``."""
+    from ..detection.errors import SENSITIVE_TAU
+
+    tau, ev = err["config"]["tau"], err["evidence"]
+    flagged = {p["target"] for p in err["pairs"]}
+    cells = [(ev[s][t], s, t) for s in range(len(ev)) for t in range(len(ev)) if s != t and t not in flagged]
+    if not cells or tau <= SENSITIVE_TAU:
+        return ""
+    e, s, t = max(cells)
+    if not SENSITIVE_TAU <= e <= tau:
+        return ""
+    return (f"{class_label(names, s)} -> {class_label(names, t)} has evidence {e:.2f}: under the threshold "
+            f"{tau:g}, over {SENSITIVE_TAU:g}, where backdoors poisoned at a low rate score; `--tau-errors "
+            f"{SENSITIVE_TAU:g}` flags it, at more false alarms (4 of 40 clean reference models, against 1 of 40 "
+            "at 2.99; docs/detection.md, \"Realistic poisoning on dev\")")
 
 
 def null_name(err: dict[str, Any]) -> str:
