@@ -202,7 +202,8 @@ def test_zoo_reference_then_detect_with_it_and_without_one(tmp_path: Path, capsy
     assert res["note"] == "" and res["errors"]["counts"]["threshold"] == 0.5
     assert res["errors"]["variation_excess"] is not None  # against the reference's own variation rates
     assert res["backdoor"] == bool(res["pairs"]) and "weight_profile" in res
-    assert "confident errors (softmax >= 0.5)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "confident errors (softmax >= 0.5)" in out and out.count("VERDICT:") == 1  # one verdict, the errors'
     assert res["errors"]["config"]["null"] == "nbpair"
     assert main(["detect", "--model", str(model), "--reference", str(ref_path), "--errors-null", "poisson",
                  "--tau-errors", "2.45", *data]) == 0

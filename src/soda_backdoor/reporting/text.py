@@ -59,12 +59,12 @@ def format_detection(res: dict[str, Any]) -> str:
             max_v = max(v for s, row in enumerate(vx) for t, v in enumerate(row) if s != t)
             why += f"; no variation excess reaches {err['config']['variation_tau']:g}; max {max_v:.3f}"
         lines.append(f"VERDICT: no semantic backdoor detected ({why})")
-    closer = near_miss(err, names) if err else ""
-    if closer:
-        lines.append(f"look closer: {closer}")
     else:
         lines.append(f"VERDICT: no semantic backdoor detected (no class's anomaly index exceeds {tt['threshold']:g}; "
                      f"max {max(a for a in tt['anomaly_index'] if a == a):.2f})")
+    closer = near_miss(err, names) if err else ""
+    if closer:
+        lines.append(f"look closer: {closer}")
     if cal:
         lines.append(cal["message"] if cal["probability"] is None else
                      f"P(backdoor) = {cal['probability']:.3f} (calibrated on {cal['fitted_on']})")
