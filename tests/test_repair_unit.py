@@ -127,3 +127,36 @@ def test_cut_target_links_cuts_the_neuron_that_carries_infected_samples_and_hold
     net(x_inf).sum().backward()
     assert net[0].weight.grad[2, 3] == 0 and net[0].weight.grad[2, 0] != 0
     hold.remove()
+
+
+def test_feature_reconstructions_reach_the_target_near_their_start_and_keep_the_sign() -> None:
+    from soda_backdoor.repair.repair import feature_reconstructions
+
+    torch.manual_seed(0)
+    tail = nn.Sequential(nn.Linear(6, 3))
+    with torch.no_grad():  # class 0 reads unit 0, class 2 reads unit 5 (the 'backdoor' unit)
+        tail[0].weight.copy_(torch.tensor([[2.0, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 3.0]]))
+        tail[0].bias.zero_()
+    h = torch.rand(20, 6) * 0.2
+    h[:, 0] += 2.0  # clean sources, confidently class 0
+    out = feature_reconstructions(tail, h, target=2, step=0.05, steps=200, threshold=0.9)
+    assert len(out) == 20 and (out >= 0).all()
+    p = tail(out).softmax(1)
+    assert (p.argmax(1) == 2).all() and (p[:, 2] >= 0.9).all()
+    moved = out - h
+    assert (moved[:, 5] > 0).all() and (moved[:, 5].abs() >= moved[:, 1:5].abs().max(1).values).all()
+    assert all(p.requires_grad for p in tail.parameters()) and tail.training
+    assert len(feature_reconstructions(tail, h, target=2, step=1e-4, steps=3, threshold=0.9)) == 0
+
+
+def test_repair_with_feature_samples_runs_at_a_cut_and_without_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 1, 4, 4)
+    y = torch.randint(0, 3, (64,))
+    recon = torch.randn(10, 1, 4, 4)
+    for tune_from in ("2", None):
+        res = repair_model(model, LayerRef("5", "input"), torch.rand(8), x, y, recon, source=0, target=2,
+                           config=RepairConfig(epochs=1, batch_size=16, num_recon=4, tune_from=tune_from,
+                                               feature_samples=10, variation_anchor=0.0))
+        assert len(res.history) == 1 and not model.training

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -74,6 +75,16 @@ class RepairConfig:
             neurons that carry the infected samples (reconstructed and varied) to the target
             more than the clean source samples are cut and held at 0, the fewest neurons
             covering this share of that excess (0: none). Research; docs/repair.md.
+        feature_samples: above 0, up to this many clean source samples (those the model gives
+            the source with ``variation_anchor``) are also moved, at the cut of ``tune_from``,
+            by normalised gradient steps (``feature_step`` of their norm each, at most
+            ``feature_steps``) until the tail sends them to the target, and join the
+            reconstructed samples: infected samples reconstructed in feature space, next to
+            the data (needs a cut; 0: none). Research; docs/repair.md.
+        feature_step: length of one feature-space step, as a share of the start's norm.
+        feature_steps: most steps of a feature-space reconstruction.
+        feature_threshold: softmax probability of the target at which a feature-space
+            reconstruction stops (the target must also be its top class).
         seed: seed of shuffling and sampling.
     """
 
@@ -94,6 +105,10 @@ class RepairConfig:
     variation_anchor: float = 0.95
     variation_generations: int = 1
     cut_target: float = 0.0
+    feature_samples: int = 0
+    feature_step: float = 0.02
+    feature_steps: int = 100
+    feature_threshold: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,6 +127,10 @@ class RepairConfig:
         check_interval("variation_anchor", self.variation_anchor, 0.0, 1.0)
         check_at_least("variation_generations", self.variation_generations, 1)
         check_interval("cut_target", self.cut_target, 0.0, 1.0)
+        check_at_least("feature_samples", self.feature_samples, 0)
+        check_finite("feature_step", self.feature_step, positive=True)
+        check_at_least("feature_steps", self.feature_steps, 1)
+        check_interval("feature_threshold", self.feature_threshold, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,47 @@ def mine_variations(model: nn.Module, x_source: Tensor, target: int, copies: int
             parents = raw[hit.to(raw.device)][:max(cap, len(x_source))]  # the next generation varies these
             kept.append(normalize(parents[:share]))
     return torch.cat(kept)[:cap].clone() if kept else empty
+
+
+def feature_reconstructions(tail: nn.Module, h: Tensor, target: int, step: float, steps: int,
+                            threshold: float) -> Tensor:
+    """Move activations ``h`` (at a cut) towards ``target`` through ``tail``; return those that get there.
+
+    Each row takes normalised gradient steps on ``-log p_target`` of length ``step`` times its
+    start's norm (scale-free, so one setting serves every layer) until ``tail`` gives it the
+    target as top class with softmax at least ``threshold``, for at most ``steps`` steps. A
+    start that was non-negative (after a ReLU or a pooling of one) stays non-negative.
+    """
+    if len(h) == 0:
+        return h
+    was = tail.training
+    tail.eval()
+    grads = [p.requires_grad for p in tail.parameters()]
+    for p in tail.parameters():
+        p.requires_grad_(False)
+    try:
+        size = h.flatten(1).norm(dim=1).clamp_min(1e-12)
+        nonneg = bool((h >= 0).all())
+        done = torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        x = h.clone()
+        view = (-1, *([1] * (h.dim() - 1)))
+        for _ in range(steps + 1):
+            xr = x.detach().requires_grad_(True)
+            logp = tail(xr).float().log_softmax(1)
+            done |= (logp.argmax(1) == target) & (logp[:, target] >= math.log(max(threshold, 1e-12)))
+            if bool(done.all()):
+                break
+            (g,) = torch.autograd.grad(-logp[:, target].sum(), xr)
+            gn = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+            move = (step * size / gn).view(view) * g
+            x = torch.where(done.view(view), x, x - move).detach()
+            if nonneg:
+                x = x.clamp_min(0)
+        return x[done].detach()
+    finally:
+        for p, r in zip(tail.parameters(), grads):
+            p.requires_grad_(r)
+        tail.train(was)
 
 
 def _apply_mask(mask: Tensor):
@@ -247,6 +307,17 @@ def cut_target_links(net: nn.Module, x_infected: Tensor, x_source: Tensor, sourc
     return cut, hold
 
 
+def _feature_samples(tail: nn.Module, h_source: Tensor, source: int, target: int, config: RepairConfig) -> Tensor:
+    """Feature-space reconstructions from the clean source samples the tail gives the source confidently."""
+    with torch.no_grad():
+        p = run_batched(lambda v: tail(v).float().softmax(1), h_source)
+    starts = h_source[p[:, source] >= config.variation_anchor][:config.feature_samples]
+    out = feature_reconstructions(tail, starts, target, config.feature_step, config.feature_steps,
+                                  config.feature_threshold)
+    logger.info("repair: %d of %d feature-space reconstructions reached class %d", len(out), len(starts), target)
+    return out
+
+
 def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor, x_clean: Tensor, y_clean: Tensor,
                  x_recon: Tensor, source: int, target: int, config: RepairConfig | None = None,
                  progress: bool = False) -> RepairResult:
@@ -268,9 +339,6 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
     device = x_clean.device
     gen = torch.Generator().manual_seed(config.seed)
     mask = outstanding_neurons(attribution_to_target.cpu(), config.top)
-    n_recon = min(config.num_recon, len(x_recon)) if len(x_recon) else 0
-    k_clean = config.batch_size - n_recon
-    steps = (len(y_clean) + k_clean - 1) // k_clean
     use_mask = config.top < 1.0
     n, history = len(y_clean), []
     with cpu_channels_last(model), (intervene(model, ref, _apply_mask(mask)) if use_mask else nullcontext()):
@@ -279,6 +347,14 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
         if split is not None:  # the frozen part runs once; each step runs the tail only
             x_clean, x_recon = run_batched(split.prefix, x_clean), run_batched(split.prefix, x_recon)
             net, tuned_from = split.tail, split.layer
+            if config.feature_samples > 0:
+                x_recon = torch.cat([x_recon, _feature_samples(net, x_clean[y_clean == source], source, target,
+                                                                config)])
+        elif config.feature_samples > 0:
+            logger.warning("repair: no cut, so no feature-space reconstructions")
+        n_recon = min(config.num_recon, len(x_recon)) if len(x_recon) else 0
+        k_clean = config.batch_size - n_recon
+        steps = (len(y_clean) + k_clean - 1) // k_clean
         hold = None
         if config.cut_target > 0 and len(x_recon):
             _, hold = cut_target_links(net, x_recon, x_clean[y_clean == source], source, target, config.cut_target)
