@@ -172,6 +172,7 @@ def test_detect_and_reconstruct_need_no_attack(tiny, tmp_path, capsys) -> None:
     (["repair", "--source", "0", "--target", "2", "--samples", "x.npz", "--out", "r.safetensors", "--top", "0"],
      "--top"),
     (["run", "--recon-threshold", "-1"], "--recon-threshold"),
+    (["run", "--feature-samples", "-1"], "--feature-samples"),
     (["run", "--train-batch", "1"], "--train-batch"),
 ])
 def test_bad_settings_exit_2_with_one_line(tiny, tmp_path, capsys, argv, flag) -> None:
@@ -197,6 +198,13 @@ def test_old_run_flags_still_work_and_warn(capsys) -> None:
     assert capsys.readouterr().err == ""
     assert _train_config(args) == _train_config(new) and _recon_config(args) == _recon_config(new)
     assert _train_config(new).batch_size == 16 and _recon_config(new).steps == 7
+
+
+def test_feature_samples_flag_reaches_the_repair_config() -> None:
+    from soda_backdoor.cli.main import _repair_config, build_parser
+
+    assert _repair_config(build_parser().parse_args(["run"])).feature_samples == 0
+    assert _repair_config(build_parser().parse_args(["run", "--feature-samples", "100"])).feature_samples == 100
 
 
 def test_repair_help_says_the_default_has_no_mask(capsys) -> None:
