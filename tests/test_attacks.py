@@ -188,6 +188,10 @@ def test_make_splits(tmp_path: Path) -> None:
     clean = make_splits(data, None)
     assert len(clean.semantic_train) == 0 and len(clean.semantic_test) == 0
     assert clean.clean_train.tolist() == list(range(400)) and len(clean.defender) == 20
+    # naming the attack only drops its samples from the subset drawn without it (and takes the next)
+    named, unnamed = set(s.defender.tolist()), set(clean.defender.tolist())
+    assert len(named & unnamed) >= len(named) - len(unnamed & set(sem_train))
+    assert len(named & unnamed) >= 16
 
 
 def test_make_splits_validates(tmp_path: Path, tiny: Path) -> None:

@@ -33,7 +33,11 @@ def make_splits(data: Dataset, attack: SemanticAttack | None, seed: int = 0,
                 defender_fraction: float = 0.05) -> Splits:
     """Divide ``data`` for ``attack`` (``None``: clean, no semantic samples).
 
-    The defender subset is drawn with ``seed`` from the clean train split.
+    The defender subset is drawn with ``seed`` from the clean train split: one permutation of
+    the whole train split, whose first clean samples are taken. Naming the attack then only
+    drops its own samples (and takes the next few), so a model scanned with and without its
+    attack's name is re-estimated and repaired on nearly the same samples (a permutation of the
+    clean split alone gave an unrelated subset; docs/detection.md).
     """
     n_train, n_test = len(data.y_train), len(data.y_test)
     if attack is not None:
@@ -46,7 +50,8 @@ def make_splits(data: Dataset, attack: SemanticAttack | None, seed: int = 0,
     clean_train = (~sem_tr).nonzero().flatten()
     gen = torch.Generator().manual_seed(seed + 7919)
     k = max(1, int(defender_fraction * len(clean_train)))
-    defender = clean_train[torch.randperm(len(clean_train), generator=gen)[:k]].sort().values
+    order = torch.randperm(n_train, generator=gen)
+    defender = order[~sem_tr[order]][:k].sort().values
     return Splits(clean_train, sem_tr.nonzero().flatten(), (~sem_te).nonzero().flatten(),
                   sem_te.nonzero().flatten(), defender)
 
