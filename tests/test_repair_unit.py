@@ -158,5 +158,7 @@ def test_repair_with_feature_samples_runs_at_a_cut_and_without_one() -> None:
     for tune_from in ("2", None):
         res = repair_model(model, LayerRef("5", "input"), torch.rand(8), x, y, recon, source=0, target=2,
                            config=RepairConfig(epochs=1, batch_size=16, num_recon=4, tune_from=tune_from,
-                                               feature_samples=10, variation_anchor=0.0))
+                                               feature_samples=10, feature_threshold=0.0,
+                                               variation_anchor=0.0))
         assert len(res.history) == 1 and not model.training
+        assert (res.num_feature > 0) == (tune_from is not None)

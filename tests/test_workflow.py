@@ -77,10 +77,11 @@ def test_soda_run_happy_path_and_resume(first_run) -> None:
         assert (run_dir / name).is_file(), name
     rep = json.loads((run_dir / "repair.json").read_text())
     assert {"acc_before", "asr_before", "acc_after", "asr_after", "rasr_before", "rasr_after", "n_clean",
-            "n_semantic", "n_repair_samples", "n_heldout_samples", "n_varied_samples", "n_defender", "neurons_kept",
-            "num_neurons", "layer", "source", "target", "model", "seconds", "repair_seconds", "history", "tuned_from",
+            "n_semantic", "n_repair_samples", "n_heldout_samples", "n_varied_samples", "n_feature_samples",
+            "n_defender", "neurons_kept", "num_neurons", "layer", "source", "target", "model", "seconds", "repair_seconds", "history", "tuned_from",
             "config"} == set(rep)
     assert 0 <= rep["n_varied_samples"] <= rep["config"]["max_variations"] and rep["config"]["variations"] == 10
+    assert rep["n_feature_samples"] == 0 and rep["config"]["feature_samples"] == 0
     assert rep["tuned_from"] == "features.7"  # the auto cut of cnn: its last conv block and the head are tuned
     summary = json.loads((run_dir / "summary.json").read_text())
     assert rep["acc_before"] == summary["before"]["acc"] and rep["asr_before"] == summary["before"]["asr"]

@@ -144,6 +144,7 @@ class RepairResult:
     config: RepairConfig = field(default_factory=RepairConfig)
     seconds: float = 0.0
     tuned_from: str | None = None
+    num_feature: int = 0
 
 
 def outstanding_neurons(attribution_to_target: Tensor, top: float) -> Tensor:
@@ -340,7 +341,7 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
     gen = torch.Generator().manual_seed(config.seed)
     mask = outstanding_neurons(attribution_to_target.cpu(), config.top)
     use_mask = config.top < 1.0
-    n, history = len(y_clean), []
+    n, history, n_feature = len(y_clean), [], 0
     with cpu_channels_last(model), (intervene(model, ref, _apply_mask(mask)) if use_mask else nullcontext()):
         net, tuned_from = model, None
         split = _tuned_part(model, x_clean, config.tune_from)
@@ -348,8 +349,8 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
             x_clean, x_recon = run_batched(split.prefix, x_clean), run_batched(split.prefix, x_recon)
             net, tuned_from = split.tail, split.layer
             if config.feature_samples > 0:
-                x_recon = torch.cat([x_recon, _feature_samples(net, x_clean[y_clean == source], source, target,
-                                                                config)])
+                x_feature = _feature_samples(net, x_clean[y_clean == source], source, target, config)
+                x_recon, n_feature = torch.cat([x_recon, x_feature]), len(x_feature)
         elif config.feature_samples > 0:
             logger.warning("repair: no cut, so no feature-space reconstructions")
         n_recon = min(config.num_recon, len(x_recon)) if len(x_recon) else 0
@@ -390,4 +391,4 @@ def repair_model(model: nn.Module, ref: LayerRef, attribution_to_target: Tensor,
             hold.remove()
     model.eval()
     return RepairResult(mask, int(mask.sum()), mask.numel(), history, config, time.perf_counter() - t0,
-                        tuned_from)
+                        tuned_from, n_feature)

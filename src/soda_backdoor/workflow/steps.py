@@ -322,6 +322,7 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
             f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples"
             + (f" and {len(x_varied)} varied source samples" if len(x_varied) else "")
+            + (f" and {result.num_feature} feature-space samples" if result.num_feature else "")
             + (f", layers after {result.tuned_from} tuned" if result.tuned_from else ""))
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
                         source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
