@@ -146,6 +146,7 @@ def test_feature_reconstructions_reach_the_target_near_their_start_and_keep_the_
     moved = out - h
     assert (moved[:, 5] > 0).all() and (moved[:, 5].abs() >= moved[:, 1:5].abs().max(1).values).all()
     assert all(p.requires_grad for p in tail.parameters()) and tail.training
+    assert all(p.grad is None for p in tail.parameters())
     assert len(feature_reconstructions(tail, h, target=2, step=1e-4, steps=3, threshold=0.9)) == 0
 
 

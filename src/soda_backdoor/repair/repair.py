@@ -210,10 +210,7 @@ def feature_reconstructions(tail: nn.Module, h: Tensor, target: int, step: float
         return h
     was = tail.training
     tail.eval()
-    grads = [p.requires_grad for p in tail.parameters()]
-    for p in tail.parameters():
-        p.requires_grad_(False)
-    try:
+    try:  # autograd.grad with respect to the activations alone: the weights' .grad stay untouched
         size = h.flatten(1).norm(dim=1).clamp_min(1e-12)
         nonneg = bool((h >= 0).all())
         done = torch.zeros(len(h), dtype=torch.bool, device=h.device)
@@ -233,8 +230,6 @@ def feature_reconstructions(tail: nn.Module, h: Tensor, target: int, step: float
                 x = x.clamp_min(0)
         return x[done].detach()
     finally:
-        for p, r in zip(tail.parameters(), grads):
-            p.requires_grad_(r)
         tail.train(was)
 
 
