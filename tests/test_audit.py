@@ -132,7 +132,8 @@ def test_local_audit_matches_detect_and_isolates_bad_files(fleet, local_audit) -
         assert row["pairs"] == [[p["source"], p["target"]] for p in ref["pairs"]]
         assert row["target_scores"] == pytest.approx(ref["target_test"]["scores"], abs=1e-9)
         assert row["anomaly_index"] == pytest.approx(ref["target_test"]["anomaly_index"], abs=1e-9, nan_ok=True)
-        assert row["probability"] is None
+        # the shipped calibration (cnn and lenet on fmnist, the default settings) gives it
+        assert 0 < row["probability"] < 1 and row["probability"] == pytest.approx(ref["calibration"]["probability"])
         assert row["evidence"] == ref["evidence"] == "errors"  # the shipped reference covers fmnist
         assert row["score"] == pytest.approx(ref["errors"]["score"]) and row["threshold"] == ref["errors"]["config"]["tau"]
         report = json.loads((local_audit / row["report"]).read_text())

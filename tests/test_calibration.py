@@ -89,6 +89,29 @@ def test_a_score_that_ranks_backwards_gives_the_base_rate() -> None:
     assert any("ranks the zoo backwards" in n for n in cal.notes)
 
 
+def test_the_shipped_calibration_is_of_the_default_detector() -> None:
+    """It maps the scores of today's default settings and reference: a change of either needs a
+    new fit on the dev zoos (`soda zoo calibrate`, docs/detection.md), or this fails."""
+    from soda_backdoor.artifacts import DEFAULT_CALIBRATION, NO_CALIBRATION, resolve_calibration
+    from soda_backdoor.cli import main as cli_main
+    from soda_backdoor.detection import shipped_calibration
+    from soda_backdoor.workflow.steps import _check_calibration
+
+    cal = shipped_calibration()
+    assert cal.shipped and cal.detector == "soda" and cal.covers == "cnn, lenet on fmnist"
+    assert cal.detector_settings == settings_key(DetectionConfig(), None, shipped_reference())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _check_calibration(cal, DetectionConfig(), None) == ""
+    assert "shipped" not in cal.to_dict() and not Calibration.from_dict(cal.to_dict()).shipped
+    assert Calibration.from_dict(cal.to_dict()) == cal  # the flag is not part of the maps
+    assert resolve_calibration(DEFAULT_CALIBRATION) is cal and resolve_calibration(NO_CALIBRATION) is None
+    assert resolve_calibration(None) is None and resolve_calibration(cal) is cal
+    assert cli_main.DEFAULT_CALIBRATION == DEFAULT_CALIBRATION
+    # scores like the default-recipe striped-shirt model's (0 -> 2, about 200) and its clean twin's (about 0.8)
+    assert cal.probability(200.0, "cnn") > 0.9 and cal.probability(0.8, "cnn") < 0.3
+
+
 def test_an_uncovered_arch_or_dataset_gets_no_probability() -> None:
     cal = fit_calibration(_rows({"cnn": (6, 8), "lenet": (5, 6)}), "soda")
     line = ("no calibration for arch resnet18 on dataset fmnist (have: cnn, lenet on fmnist); the verdict comes "
@@ -187,6 +210,16 @@ def test_zoo_calibrate_then_score_with_the_calibration(tmp_path: Path, capsys) -
     # a soda calibration does not calibrate Neural Cleanse
     assert main(["zoo", "score", str(test), "--detector", "nc", "--calibration", str(cal_path)]) == 2
     assert "calibrates detector soda, not nc" in capsys.readouterr().err
+    # without --calibration: the shipped one (its cnn and lenet maps; the vggs not covered), none with 'none'
+    for extra, calibrated in (([], True), (["--calibration", "none"], False)):
+        assert main(["zoo", "score", str(test), "--json", str(tmp_path / "s.json"), "--quiet", *extra]) == 0
+        report = json.loads((tmp_path / "s.json").read_text())
+        assert (report["calibration"] is not None) == calibrated, extra
+        assert ("P(backdoor):       log loss" in capsys.readouterr().out) == calibrated
+    assert report["calibration"] is None and "reliability_png" not in report
+    assert main(["zoo", "score", str(test), "--json", str(tmp_path / "s.json"), "--quiet"]) == 0
+    c = json.loads((tmp_path / "s.json").read_text())["calibration"]
+    assert c["fitted_on"].endswith("shipped with soda-backdoor") and c["num_uncovered"] == 4
 
 
 def _untrained_lenet(tmp_path: Path) -> Path:
@@ -223,9 +256,24 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
                     "the uncalibrated threshold (--tau-target)")
             assert res["probability"] is None and res["class_probabilities"] == [] and res["message"] == line
             assert out.count(line) == 1 and "P(backdoor)" not in out and "P(target)" not in out
-    # without --calibration the report says so plainly
+    # without --calibration: the shipped one, which covers lenet on fmnist at the default settings
     assert main(argv) == 0
+    res = json.loads((tmp_path / "d.json").read_text())["calibration"]
+    assert 0 < res["probability"] < 1 and len(res["class_probabilities"]) == 10 and res["message"] == ""
+    assert res["fitted_on"].endswith("of zoo dev + lowratio_dev, shipped with soda-backdoor")
+    assert "P(backdoor) = " in capsys.readouterr().out
+    # none with --calibration none, and the report says so plainly
+    assert main([*argv, "--calibration", "none"]) == 0
     assert json.loads((tmp_path / "d.json").read_text())["calibration"] is None
+    capsys.readouterr()
+    # the shipped one on settings it was not fitted on: no probability and the reason, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*argv, "--variation-tau", "0.5"]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())["calibration"]
+    assert res["probability"] is None and res["class_probabilities"] == []
+    assert "shipped calibration covers the default detector settings only" in res["message"]
+    assert "errors.variation_tau 0.5 (fitted: 0.23)" in res["message"] and res["message"] in capsys.readouterr().out
     # a calibration fitted on confident-error scores of other settings or another reference
     # still applies, with a warning; one of these settings and reference, without
     from dataclasses import asdict
@@ -242,7 +290,7 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert main([*argv, "--calibration", str(tmp_path / "c.json")]) == 0
-        assert any("confident-error scores" in str(w.message) for w in caught) == warns
+        assert any("fitted on scores of other detector settings" in str(w.message) for w in caught) == warns
     # a calibration of the other evidence's scores is refused: its scale is another
     from soda_backdoor.analysis import AttributionConfig
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .analysis import NeuronEffects
-from .detection.calibration import Calibration
+from .detection.calibration import Calibration, shipped_calibration
 from .errors import UserInputError
 from .reconstruction import Reconstruction, split_samples
 from .utils import write_atomic, write_json
@@ -112,6 +112,23 @@ def load_samples(path: str | Path) -> SampleSet:
 def save_calibration(path: str | Path, calibration: Calibration) -> None:
     """A calibration as JSON (written by `soda zoo calibrate`)."""
     write_json(path, calibration.to_dict())
+
+
+DEFAULT_CALIBRATION = "default"
+NO_CALIBRATION = "none"
+
+
+def resolve_calibration(spec: Calibration | str | Path | None) -> Calibration | None:
+    """The calibration a front end names: ``default`` the shipped one
+    (:func:`soda_backdoor.detection.shipped_calibration`), ``none`` or ``None`` none, a
+    :class:`Calibration` itself, anything else a file written by `soda zoo calibrate`."""
+    if spec is None or isinstance(spec, Calibration):
+        return spec
+    if str(spec) == NO_CALIBRATION:
+        return None
+    if str(spec) == DEFAULT_CALIBRATION:
+        return shipped_calibration()
+    return load_calibration(spec)
 
 
 def load_calibration(path: str | Path) -> Calibration:

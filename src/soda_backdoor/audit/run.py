@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifacts import load_calibration
+from ..artifacts import DEFAULT_CALIBRATION, resolve_calibration
 from ..detection.errors import ErrorReference
 from ..errors import UserInputError
 from ..executor import BACKENDS, run_tasks
@@ -44,7 +44,8 @@ class AuditConfig(AuditSettings):
         backend: ``local`` or ``ray``.
         ray_address: Ray cluster to join (``auto``: this machine's); ``None`` starts a local one.
         gpus_per_job: GPUs each Ray task requests (``None``: 1 when ``device`` resolves to CUDA).
-        calibration: a calibration file from ``soda zoo calibrate``: each row gets P(backdoor).
+        calibration: each row's P(backdoor): ``default`` (the shipped calibration), a file from
+            ``soda zoo calibrate``, or ``none``.
         reference: a reference from ``soda zoo reference``, its confident errors and variation rates
             (``None``: the shipped one).
     """
@@ -57,7 +58,7 @@ class AuditConfig(AuditSettings):
     backend: str = "local"
     ray_address: str | None = None
     gpus_per_job: float | None = None
-    calibration: str | None = None
+    calibration: str | None = DEFAULT_CALIBRATION
     reference: str | None = None
 
 
@@ -111,7 +112,7 @@ def plan_tasks(config: AuditConfig) -> list[AuditTask]:
     if not files:
         raise UserInputError(f"no model files ({', '.join(('.safetensors', '.pt', '.th', '...'))}) under "
                              f"{', '.join(config.paths) or config.manifest}")
-    calibration = load_calibration(config.calibration) if config.calibration else None
+    calibration = resolve_calibration(config.calibration)
     reference = ErrorReference.load(config.reference) if config.reference else None
     out, seen = [], set()
     models_dir = Path(config.out_dir) / "models"

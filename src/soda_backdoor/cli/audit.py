@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .main import CALIBRATION_HELP, DEFAULT_CALIBRATION
+
 AUDIT_EXAMPLES = """examples:
   soda audit zoos/dev/models --dataset fmnist --out audits/dev --jobs 2
   soda audit --manifest zoos/dev/manifest.jsonl --out audits/dev      # columns: file, arch, dataset, ...
@@ -31,8 +33,8 @@ def add_audit_parser(sub, parser_class, common, detect_args, recon_args, repair_
                    "default: start a local Ray with --jobs CPUs")
     g.add_argument("--gpus-per-job", type=float, default=None, help="GPUs per Ray task (default: 1 with CUDA)")
     g.add_argument("--repair", action="store_true", help="reconstruct and repair every flagged model")
-    g.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: each model's "
-                   "P(backdoor) in the probability column (models already audited keep their row)")
+    g.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="each model's P(backdoor) in the "
+                   f"probability column (models already audited keep their row): {CALIBRATION_HELP}")
     common(p)
     detect_args(p)
     recon_args(p)

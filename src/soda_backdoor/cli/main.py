@@ -15,6 +15,11 @@ from typing import Sequence
 
 from ..errors import UserInputError, build_config
 
+# soda_backdoor.artifacts.DEFAULT_CALIBRATION (not imported: it pulls in torch before argparse runs)
+DEFAULT_CALIBRATION = "default"
+CALIBRATION_HELP = ("'default' (the shipped calibration: cnn and lenet on fmnist, the default detector settings), "
+                    "a file from `soda zoo calibrate`, or 'none'")
+
 EXAMPLES = """examples:
   soda train --dataset fmnist --attack stripet --arch cnn --seed 0 --out m.safetensors
   soda evaluate --model m.safetensors --dataset fmnist --attack stripet --json eval.json
@@ -179,8 +184,8 @@ def _add_evaluate(sub) -> None:
 
 
 def _calibration_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: report P(backdoor) "
-                   "and P(class is the target) beside the verdict")
+    p.add_argument("--calibration", default=DEFAULT_CALIBRATION,
+                   help=f"P(backdoor) and P(class is the target) beside the verdict: {CALIBRATION_HELP}")
 
 
 def _add_detect(sub) -> None:
@@ -425,11 +430,9 @@ def _cmd_detect(args) -> int:
     from ..workflow import detect
 
     config = _detection_config(args)
-    calibration = None
-    if args.calibration:
-        from ..artifacts import load_calibration
+    from ..artifacts import resolve_calibration
 
-        calibration = load_calibration(args.calibration)
+    calibration = resolve_calibration(args.calibration)
     loaded, ctx, device = _model_and_context(args, required=False)
     rep = detect(loaded, ctx, config, args.layer, device, args.seed, progress=not args.quiet,
                  calibration=calibration, reference=_reference(args))

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from .main import CALIBRATION_HELP, DEFAULT_CALIBRATION
+
 ZOO_EXAMPLES = """examples:
   soda zoo build zoo/dev.toml --out zoos/dev --jobs 2
   soda zoo build zoo/dev.toml --out /shared/zoos/dev --jobs 40 --backend ray --ray-address auto
@@ -43,8 +45,9 @@ def add_zoo_parser(sub, parser_class, common, detect_args) -> None:
                    help="detector to score: soda (default), or nc (Neural Cleanse, the trigger-inversion baseline)")
     s.add_argument("--jobs", type=int, default=1, help="detections at once, one thread each (default 1)")
     s.add_argument("--roc", default=None, help="ROC curve PNG (default DIR/roc-<detector>.png)")
-    s.add_argument("--calibration", default=None, help="a calibration from `soda zoo calibrate`: add each model's "
-                   "P(backdoor), its log loss and Brier score, and a reliability plot")
+    s.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="add each model's P(backdoor), its log loss "
+                   f"and Brier score, and a reliability plot: {CALIBRATION_HELP} (the default applies to --detector "
+                   "soda with the settings it was fitted on)")
     s.add_argument("--reliability", default=None, help="reliability plot PNG (default: reliability-<detector>.png "
                    "next to the ROC curve)")
     common(s, data=False)
@@ -174,25 +177,30 @@ def _cmd_zoo_score(args) -> int:
     from ..utils import write_json
     from ..zoo.score import apply_calibration, format_score, plot_reliability, plot_roc
 
-    calibration = None
-    if args.calibration:
-        from ..artifacts import load_calibration
-        from ..errors import UserInputError
+    from ..artifacts import resolve_calibration
+    from ..errors import UserInputError
 
-        calibration = load_calibration(args.calibration)
-        if calibration.detector != args.detector:
-            raise UserInputError(f"{args.calibration} calibrates detector {calibration.detector}, not "
-                                 f"{args.detector} (--detector)")
+    default = args.calibration == DEFAULT_CALIBRATION
+    calibration = resolve_calibration(args.calibration) if not default or args.detector == "soda" else None
+    if calibration is not None and calibration.detector != args.detector:
+        raise UserInputError(f"{args.calibration} calibrates detector {calibration.detector}, not "
+                             f"{args.detector} (--detector)")
     score, key = _scored_zoo(args)
     roc = args.roc or str(Path(args.dir) / f"roc-{args.detector}.png")
     plot_roc(score, roc)
     extra = {"roc_png": roc}
-    if calibration is not None:
-        import warnings
+    if calibration is not None and calibration.detector_settings and calibration.detector_settings != key:
+        why = f"the calibration was fitted on scores of other detector settings ({calibration.detector_settings}, " \
+              f"these are {key})"
+        if calibration.shipped:
+            print(f"no probabilities: {why}; fit one with `soda zoo calibrate` and pass --calibration",
+                  file=sys.stderr)
+            calibration = None
+        else:
+            import warnings
 
-        if calibration.detector_settings and calibration.detector_settings != key:
-            warnings.warn(f"the calibration was fitted on scores of other detector settings "
-                          f"({calibration.detector_settings}, these are {key})", stacklevel=1)
+            warnings.warn(why, stacklevel=1)
+    if calibration is not None:
         score = apply_calibration(score, calibration)
         extra["reliability_png"] = args.reliability or str(Path(roc).with_name(f"reliability-{args.detector}.png"))
         plot_reliability(score, extra["reliability_png"])

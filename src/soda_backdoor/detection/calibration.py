@@ -18,6 +18,12 @@ Two things keep a handful of models from giving probabilities of 0 or 1: Platt's
 score ranks the fitting zoo backwards) is set to 0: the map then gives the base rate, and
 never reverses the detector's evidence.
 
+The package ships one calibration (``calibration.json``, :func:`shipped_calibration`): the
+default detector's scores on the dev zoos (``zoo/dev.toml`` and ``zoo/lowratio_dev.toml``,
+``cnn`` and ``lenet`` on Fashion-MNIST), so a detection with the default settings reports
+probabilities without a calibration of the user's own (docs/detection.md, "Calibrated
+probability").
+
 Example:
     >>> cal = fit_calibration(score.rows, "soda")       # the rows of a scored zoo
     >>> cal.probability(4.2, "cnn")                     # P(backdoor) at model-level score 4.2
@@ -29,13 +35,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from importlib import resources
 from typing import Any, Sequence
 
 from ..errors import UserInputError
 from ..models import get_model_spec
 
 FORMAT = "soda-calibration/1"
+SHIPPED = "calibration.json"
 MIN_CLEAN = 4
 MIN_BACKDOORED = 4
 DEFAULT_C = 1.0
@@ -196,6 +205,9 @@ class Calibration:
         torch: torch version of the fit.
         commit: source commit of the fit (empty when unknown).
         notes: what the record should say in words (pooled fits, clamped slopes).
+        shipped: the calibration that ships with the package (:func:`shipped_calibration`); a
+            detection whose settings it was not fitted on reports no probability instead of a
+            warning. Not written to the file.
     """
 
     detector: str
@@ -213,6 +225,7 @@ class Calibration:
     torch: str = ""
     commit: str = ""
     notes: tuple[str, ...] = ()
+    shipped: bool = field(default=False, compare=False)
 
     @property
     def covers(self) -> str:
@@ -251,10 +264,12 @@ class Calibration:
         """One line: detector, models and zoo."""
         where = self.zoo_spec.get("name") or self.zoo or "a zoo"
         return (f"{self.detector} scores of {self.num_clean} clean / {self.num_backdoored} backdoored models "
-                f"({self.covers}) of zoo {where}")
+                f"({self.covers}) of zoo {where}{', shipped with soda-backdoor' if self.shipped else ''}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
+        d = asdict(self)
+        del d["shipped"]
+        return {"format": FORMAT, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
@@ -265,7 +280,7 @@ class Calibration:
         try:
             archs = tuple(ArchCalibration(**{**a, "model": PlattMap(**a["model"]), "target": PlattMap(**a["target"])})
                           for a in d["archs"])
-            kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "archs"}
+            kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("archs", "shipped")}
             return cls(archs=archs, **{**kwargs, "notes": tuple(kwargs.get("notes", ()))})
         except (KeyError, TypeError) as exc:
             raise UserInputError(f"a malformed calibration ({type(exc).__name__}: {exc})") from exc
@@ -346,3 +361,11 @@ def fit_calibration(rows: Sequence[dict[str, Any]], detector: str, c: float = DE
         record["settings"] = json.loads(json.dumps(record["settings"]))
     return Calibration(detector, datasets[0], tuple(archs), n_clean, n_bad, c, min_clean, min_backdoored,
                        notes=tuple(notes), **record)
+
+
+@lru_cache(maxsize=1)
+def shipped_calibration() -> Calibration:
+    """The calibration that ships with the package: the default detector's scores of the dev
+    zoos, ``cnn`` and ``lenet`` on Fashion-MNIST (docs/detection.md, "Calibrated probability")."""
+    text = resources.files("soda_backdoor.detection").joinpath(SHIPPED).read_text()
+    return replace(Calibration.from_dict(json.loads(text)), shipped=True)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifacts import load_calibration, load_samples, save_effects, save_reconstruction
+from ..artifacts import DEFAULT_CALIBRATION, load_samples, resolve_calibration, save_effects, save_reconstruction
 from ..data import get_attack, load_dataset
 from ..detection import DetectionConfig
 from ..detection.errors import ErrorReference, shipped_reference
@@ -61,8 +61,9 @@ class PipelineConfig:
         device: ``auto``, ``cpu`` or ``cuda``.
         force: redo every step.
         progress: progress bars.
-        calibration: a calibration file from ``soda zoo calibrate``: the detection also reports
-            P(backdoor) and P(class is the target) (docs/detection.md).
+        calibration: the detection also reports P(backdoor) and P(class is the target)
+            (docs/detection.md): ``default`` (the shipped calibration, where it covers the model
+            and the settings), a file from ``soda zoo calibrate``, or ``none``.
         reference: a reference from ``soda zoo reference``, its confident errors and variation rates
             (``None``: the shipped one).
     """
@@ -85,7 +86,7 @@ class PipelineConfig:
     device: str = "auto"
     force: bool = False
     progress: bool = False
-    calibration: str | None = None
+    calibration: str | None = DEFAULT_CALIBRATION
     reference: str | None = None
 
 
@@ -127,6 +128,10 @@ class PipelineReport:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _json_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _file_hash(path: Path) -> str:
@@ -242,7 +247,7 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
                          lambda: evaluate(loaded, context(loaded.meta, True, 0), device).to_dict())
 
     # 3. detect
-    calibration = load_calibration(config.calibration) if config.calibration else None
+    calibration = resolve_calibration(config.calibration)
     reference = ErrorReference.load(config.reference) if config.reference else shipped_reference()
 
     def run_detect() -> dict:
@@ -251,9 +256,9 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
         save_effects(out / "effects.npz", rep.effects)
         return _written(out / "detect.json", rep.to_dict() | {"model": str(model_file)})
 
-    calibrated = {"calibration": _file_hash(Path(config.calibration))} if config.calibration else {}
+    calibrated = {"calibration": _json_hash(calibration.to_dict())} if calibration is not None else {}
     if det_cfg.evidence == "errors":
-        calibrated["reference"] = hashlib.sha256(json.dumps(reference.to_dict(), sort_keys=True).encode()).hexdigest()
+        calibrated["reference"] = _json_hash(reference.to_dict())
     det = runner.step("detect", {**data_key, "model": model_key, "detect": asdict(det_cfg), "layer": config.layer,
                                  **calibrated},
                       ["detect.json", "effects.npz"], run_detect)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..analysis import AttributionConfig, activations, compute_neuron_effects, parse_layer
-from ..artifacts import SampleSet, model_fingerprint
+from ..artifacts import DEFAULT_CALIBRATION, SampleSet, model_fingerprint, resolve_calibration
 from ..data import normalize
-from ..detection import Calibration, DetectionConfig, detect_backdoor
+from ..detection import CalibratedScore, Calibration, DetectionConfig, detect_backdoor
 from ..detection.calibration import canonical_arch
 from ..detection.errors import (ErrorConfig, ErrorCounts, ErrorDetection, ErrorReference, confident_errors,
                                 detect_errors, shipped_reference)
@@ -79,7 +79,8 @@ def evaluate(model: LoadedModel, ctx: DataContext, device: torch.device | str = 
 
 def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None = None, layer: str | None = None,
            device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
-           calibration: Calibration | None = None, reference: ErrorReference | None = None) -> DetectReport:
+           calibration: Calibration | str | None = DEFAULT_CALIBRATION,
+           reference: ErrorReference | None = None) -> DetectReport:
     """Causal attribution and target/source detection (docs/method.md §2.2-2.3, docs/detection.md).
 
     With ``config.evidence == "errors"`` (the default) the verdict is the confident-error
@@ -90,13 +91,18 @@ def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None 
     causal attribution always runs (its target scores are in the report); ``ctx.attack``
     only keeps the attack's semantic samples out of its clean analysis data.
 
-    With a ``calibration`` (``soda zoo calibrate``) the report also carries P(backdoor) and
-    P(class is the target), or, for a model of an arch or dataset the calibration does not
-    cover, the message saying so; the verdict is unchanged.
+    With a ``calibration`` the report also carries P(backdoor) and P(class is the target), or,
+    for a model of an arch or dataset the calibration does not cover, the message saying so;
+    the verdict is unchanged. ``calibration`` is a :class:`Calibration`, a file from ``soda
+    zoo calibrate``, ``"default"`` (the shipped one, applied when the detection uses the
+    settings and reference it was fitted on; otherwise the report says why there is no
+    probability) or ``"none"``/``None``.
     """
     config = config or DetectionConfig()
+    calibration = resolve_calibration(calibration)
+    unfitted = ""
     if calibration is not None:
-        _check_calibration(calibration, config, layer, reference)
+        unfitted = _check_calibration(calibration, config, layer, reference)
     t0 = time.perf_counter()
     seed_everything(seed)
     errors, note = None, ""
@@ -109,7 +115,9 @@ def detect(model: LoadedModel, ctx: DataContext, config: DetectionConfig | None 
     result, effects = detect_backdoor(model.module, ref, inputs, ctx.data.num_classes, config, progress,
                                       find_sources=errors is None)
     calibrated = None
-    if calibration is not None:
+    if calibration is not None and unfitted and calibration.shipped:
+        calibrated = CalibratedScore(None, (), unfitted, calibration.describe())
+    elif calibration is not None:
         scores = errors.class_scores if errors is not None else result.target_test.anomaly_index
         calibrated = calibration.apply(scores, model.meta.arch, ctx.data.spec.name)
     return DetectReport(result, tuple(ctx.data.spec.class_names), time.perf_counter() - t0, effects,
@@ -207,22 +215,28 @@ UNRECORDED_SETTINGS = {"variation_tau": 0.0, "variation_copies": 10, "variation_
 
 
 def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None,
-                       reference: ErrorReference | None = None) -> None:
-    """A soda calibration of this evidence; a warning when it was fitted on scores of other
+                       reference: ErrorReference | None = None) -> str:
+    """Why ``calibration`` may not apply to a detection with these settings ("" when it does).
+
+    A calibration of another detector or evidence is an error, one fitted on scores of other
     settings (the confident-error settings and reference, or the weight profile's layer and
-    attribution)."""
+    attribution) a warning; the shipped calibration instead is left out (the caller reports
+    the returned message in place of a probability).
+    """
+    shipped = calibration.shipped
     if calibration.detector != "soda":
         raise UserInputError(f"the calibration maps the scores of detector {calibration.detector}, not soda's; "
                              "fit one with `soda zoo calibrate DIR --detector soda`")
     fitted = calibration.settings
     if not fitted:
-        return
+        return ""
     evidence = (fitted.get("detector_config") or {}).get("evidence", "weights")
     if evidence != config.evidence:
-        raise UserInputError(f"the calibration maps scores of the {evidence} evidence, this detection's verdict "
-                             f"uses {config.evidence}; fit one on scores of this setting (`soda zoo calibrate`) "
-                             f"or pass --evidence {evidence}")
-    if evidence == "errors":
+        why = f"the calibration maps scores of the {evidence} evidence, this detection's verdict uses {config.evidence}"
+        if not shipped:
+            raise UserInputError(f"{why}; fit one on scores of this setting (`soda zoo calibrate`) or pass "
+                                 f"--evidence {evidence}")
+    elif evidence == "errors":
         ref = reference or shipped_reference()
         mine = json.loads(json.dumps({"errors": asdict(config.errors), "reference": ref.provenance.get("models_hash")}))
         theirs_errors = (fitted.get("detector_config") or {}).get("errors")
@@ -230,18 +244,30 @@ def _check_calibration(calibration: Calibration, config: DetectionConfig, layer:
             theirs_errors = {**UNRECORDED_SETTINGS, **theirs_errors}
         theirs = {"errors": theirs_errors,
                   "reference": (fitted.get("reference") or {}).get("models_hash")}
-        if mine != theirs:
-            warnings.warn(f"the calibration was fitted on confident-error scores with settings {theirs['errors']} "
-                          f"and reference {theirs['reference']}; this detection uses {mine['errors']} and reference "
-                          f"{mine['reference']}, so its probabilities may not apply; fit one again with "
-                          f"`soda zoo calibrate`", stacklevel=3)
-        return
-    mine = json.loads(json.dumps({"layer": layer, "attribution": asdict(config.attribution)}))
-    theirs = {"layer": fitted.get("layer"), "attribution": (fitted.get("detector_config") or {}).get("attribution")}
-    if mine != theirs:
-        warnings.warn(f"the calibration was fitted on scores at layer {theirs['layer'] or 'default'} with "
-                      f"attribution {theirs['attribution']}; this detection uses layer {layer or 'default'} with "
-                      f"{mine['attribution']}, so its probabilities may not apply", stacklevel=3)
+        why = _differences(mine, theirs)
+    else:
+        mine = json.loads(json.dumps({"layer": layer, "attribution": asdict(config.attribution)}))
+        theirs = {"layer": fitted.get("layer"), "attribution": (fitted.get("detector_config") or {}).get("attribution")}
+        why = _differences(mine, theirs)
+    if why and shipped:
+        return (f"no probability: the shipped calibration covers the default detector settings only (this "
+                f"detection: {why}); fit one for these settings with `soda zoo calibrate` and pass --calibration")
+    if why:
+        warnings.warn(f"the calibration was fitted on scores of other detector settings (this detection: {why}), "
+                      "so its probabilities may not apply; fit one again with `soda zoo calibrate`", stacklevel=3)
+    return why
+
+
+def _differences(mine: dict, theirs: dict, prefix: str = "") -> str:
+    """``"tau 3.5 (fitted: 2.99), ..."``: the settings of ``mine`` that differ from ``theirs``."""
+    out = []
+    for key in dict.fromkeys([*mine, *(theirs or {})]):
+        a, b = mine.get(key), (theirs or {}).get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.append(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key} {a} (fitted: {b})")
+    return ", ".join(x for x in out if x)
 
 
 def check_pair(source: int, target: int, num_classes: int) -> None:

@@ -50,7 +50,7 @@ def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
     if task["given_pair"]:  # the repair alone, on the true pair (no detection)
         pairs = [(task["source"], task["target"])]
     else:
-        pairs = detect(loaded, ctx, None, None, device, task["seed"]).pairs
+        pairs = detect(loaded, ctx, None, None, device, task["seed"], calibration=None).pairs
     ev = evaluate(loaded, ctx, device)
     unrepaired = {"acc_before": ev.acc, "asr_before": ev.asr, "acc_after": ev.acc, "asr_after": ev.asr,
                   "rasr_before": None, "rasr_after": None, "repaired": False}

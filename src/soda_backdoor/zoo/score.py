@@ -85,7 +85,7 @@ def _detect_soda(task: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     loaded, ctx, device = _open(task)
-    rep = detect(loaded, ctx, task["config"], task["layer"], device, reference=task.get("reference"))
+    rep = detect(loaded, ctx, task["config"], task["layer"], device, calibration=None, reference=task.get("reference"))
     scores = [a if a == a else 0.0 for a in rep.class_scores]
     return {"score": model_score(scores), "flagged": bool(rep.backdoor), "pairs": [list(p) for p in rep.pairs],
             "class_scores": scores, "evidence": rep.evidence, "note": rep.note,
