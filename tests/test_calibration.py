@@ -317,4 +317,13 @@ def test_run_with_a_calibration_reports_the_probability(tmp_path: Path, capsys) 
                  "--tau-target", "1000", "--calibration", str(tmp_path / "c.json")]) == 0  # detect and report only
     cal = json.loads((out_dir / "detect.json").read_text())["calibration"]
     assert 0 < cal["probability"] < 1
-    assert f"P(backdoor) = {cal['probability']:.3f}" in (out_dir / "report.html").read_text()
+    html = (out_dir / "report.html").read_text()
+    assert f"P(backdoor) = {cal['probability']:.3f}" in html
+    # each class's P(target) in the confident-errors table, beside its evidence
+    assert "<th>evidence (-log10 p)</th><th>P(target)</th>" in html
+    assert all(f"<td>{p:.4f}</td>" in html for p in cal["class_probabilities"])
+    # without a probability, no column
+    detect = json.loads((out_dir / "detect.json").read_text())
+    (out_dir / "detect.json").write_text(json.dumps({**detect, "calibration": None}))
+    assert main(["report", str(out_dir)]) == 0
+    assert "P(target)" not in (out_dir / "report.html").read_text()

@@ -179,13 +179,15 @@ def render_report(run_dir: str | Path) -> Path:
                         f"the target, and {rep['n_defender']} clean samples.</p>")
     if err:
         ev, counts = err["evidence"], err["counts"]["counts"]
+        probs = (det.get("calibration") or {}).get("class_probabilities") or []
         rows = []
         for t in range(len(ev)):
             src = max((k for k in range(len(ev)) if k != t), key=lambda k: ev[k][t])
             rows.append([class_label(names, t), class_label(names, src), counts[src][t], ev[src][t],
+                         *([probs[t]] if probs else []),
                          "flagged" if any(p["target"] == t for p in det["pairs"]) else ""])
         sections.append("<h2>Confident errors (the verdict)</h2>" + _table(
-            rows, ["target", "from source", "errors", "evidence (-log10 p)", ""]) +
+            rows, ["target", "from source", "errors", "evidence (-log10 p)", *(["P(target)"] if probs else []), ""]) +
             f"<p>Test samples of each class that the model gives another class with softmax &gt;= "
             f"{err['counts']['threshold']:g}, against the clean reference models {html.escape(err['reference'])} "
             + ("(negative binomial null with each pair's spread over the reference models"
