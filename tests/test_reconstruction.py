@@ -64,3 +64,32 @@ def test_keeps_at_most_num_keep_in_start_order():
     assert all(100 <= i < 120 for i in rec.start_indices.tolist())
     assert not model.training
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_max_tries_bounds_the_starts_tried():
+    """More samples wanted than reach the target: without a bound every start is tried, with one
+    at most ``max_tries``, the kept ones those of the unbounded run among them."""
+    model = _tiny_model()
+    torch.manual_seed(2)
+    starts = torch.randn(30, 1, 6, 6)
+    cfg = ReconstructionConfig(steps=20, lr=0.1, reg=0.1, threshold=0.95, num_keep=30, batch_size=8)
+    every = reconstruct_inputs(model, starts, torch.arange(30), 0, 2, cfg)
+    assert every.tried == 30
+    bounded = reconstruct_inputs(model, starts, torch.arange(30), 0, 2, replace(cfg, max_tries=10))
+    assert bounded.tried == 10 and set(bounded.start_indices.tolist()) <= set(range(10))
+    assert bounded.start_indices.tolist() == [i for i in every.start_indices.tolist() if i < 10]
+    import pytest
+
+    from soda_backdoor.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="max_tries"):
+        ReconstructionConfig(max_tries=0)
+
+
+def test_recon_max_tries_reaches_the_config():
+    from soda_backdoor.cli.main import _recon_config, build_parser
+
+    for argv, want in ((["reconstruct", "--model", "m", "--dataset", "fmnist", "--source", "0", "--target", "2",
+                         "--out", "x.npz"], None),
+                       (["run", "--recon-max-tries", "500"], 500)):
+        assert _recon_config(build_parser().parse_args(argv)).max_tries == want

@@ -128,6 +128,9 @@ def _recon_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
     _option(g, "--recon-batch", "--batch-size", prefixed, type=int, default=128, help="starts optimised at once")
     g.add_argument("--all-starts", action="store_true", help="run every start to the end of its budget, as the "
                    "study does (default: stop the slow ones once enough have reached the threshold)")
+    g.add_argument("--recon-max-tries", type=int, default=None, help="try at most this many source samples, "
+                   "even if fewer than --num-keep reached the target (default: all of them); bounds the cost on a "
+                   "weak backdoor, where most starts use the whole step budget")
 
 
 def _repair_args(p: argparse.ArgumentParser) -> None:
@@ -346,10 +349,10 @@ def _recon_config(args):
     run = args.command == "run"
     flags = {"steps": "--recon-steps" if run else "--steps", "lr": "--recon-lr", "reg": "--recon-reg",
              "threshold": "--recon-threshold" if run else "--threshold", "num_keep": "--num-keep",
-             "batch_size": "--recon-batch" if run else "--batch-size"}
+             "batch_size": "--recon-batch" if run else "--batch-size", "max_tries": "--recon-max-tries"}
     return build_config(ReconstructionConfig, flags, steps=args.steps, lr=args.recon_lr, reg=args.recon_reg,
                   threshold=args.threshold, num_keep=args.num_keep, batch_size=args.batch_size,
-                  stop_when_kept=not args.all_starts)
+                  stop_when_kept=not args.all_starts, max_tries=args.recon_max_tries)
 
 
 def _repair_config(args):
