@@ -130,10 +130,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _json_hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def _file_hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -256,9 +252,9 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] | None = Non
         save_effects(out / "effects.npz", rep.effects)
         return _written(out / "detect.json", rep.to_dict() | {"model": str(model_file)})
 
-    calibrated = {"calibration": _json_hash(calibration.to_dict())} if calibration is not None else {}
+    calibrated = {"calibration": _hash(calibration.to_dict())} if calibration is not None else {}
     if det_cfg.evidence == "errors":
-        calibrated["reference"] = _json_hash(reference.to_dict())
+        calibrated["reference"] = _hash(reference.to_dict())
     det = runner.step("detect", {**data_key, "model": model_key, "detect": asdict(det_cfg), "layer": config.layer,
                                  **calibrated},
                       ["detect.json", "effects.npz"], run_detect)
