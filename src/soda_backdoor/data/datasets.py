@@ -166,7 +166,10 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) - header != expected:
         raise UserInputError(f"{path} is truncated or corrupt: header promises {expected} bytes, "
                              f"file holds {len(data) - header}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    except ValueError as exc:  # e.g. a zero dimension beside dimensions too large for numpy's index type
+        raise UserInputError(f"{path} is corrupt: its header's shape {dims} cannot be read ({exc})") from exc
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
