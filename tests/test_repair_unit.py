@@ -1,9 +1,11 @@
 """Outstanding-neuron masks and the masked fine-tuning loop on a tiny model."""
 
+import pytest
 import torch
 from torch import nn
 
 from soda_backdoor.analysis import LayerRef
+from soda_backdoor.errors import UserInputError
 from soda_backdoor.repair import RepairConfig, outstanding_neurons, repair_model
 
 
@@ -163,3 +165,33 @@ def test_repair_with_feature_samples_runs_at_a_cut_and_without_one() -> None:
                                                variation_anchor=0.0))
         assert len(res.history) == 1 and not model.training
         assert (res.num_feature > 0) == (tune_from is not None)
+
+
+def test_bfloat16_repair_tunes_in_low_precision_and_keeps_float32_weights() -> None:
+    def tuned(precision: str) -> tuple[nn.Module, list]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(),
+                              nn.Linear(8, 3))
+        x, y = torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))
+        res = repair_model(model, LayerRef("5", "input"), torch.rand(8), x, y, torch.randn(10, 1, 4, 4), source=0,
+                           target=2, config=RepairConfig(epochs=2, batch_size=16, num_recon=4, tune_from=None,
+                                                         variation_anchor=0.0, precision=precision, lr=0.05))
+        return model, res.history
+
+    full, full_hist = tuned("float32")
+    low, low_hist = tuned("bfloat16")
+    assert all(p.dtype == torch.float32 for p in low.parameters())
+    # the same steps, rounded differently: close to the float32 run, not equal to it
+    for a, b in zip(full.parameters(), low.parameters()):
+        assert torch.allclose(a, b, atol=0.05)
+    assert any(not torch.equal(a, b) for a, b in zip(full.parameters(), low.parameters()))
+    assert abs(full_hist[-1]["loss"] - low_hist[-1]["loss"]) < 0.1
+
+
+def test_repair_precision_is_checked() -> None:
+    from soda_backdoor.cli.main import REPAIR_PRECISIONS
+    from soda_backdoor.repair.repair import PRECISIONS
+
+    assert REPAIR_PRECISIONS == PRECISIONS
+    with pytest.raises(UserInputError, match="precision"):
+        RepairConfig(precision="float16")

@@ -208,6 +208,14 @@ def test_feature_samples_flag_reaches_the_repair_config() -> None:
     assert _repair_config(build_parser().parse_args(["run", "--feature-samples", "100"])).feature_samples == 100
 
 
+def test_repair_precision_flag_reaches_the_repair_config() -> None:
+    from soda_backdoor.cli.main import _repair_config, build_parser
+
+    assert _repair_config(build_parser().parse_args(["run"])).precision == "float32"
+    args = build_parser().parse_args(["run", "--repair-precision", "bfloat16"])
+    assert _repair_config(args).precision == "bfloat16"
+
+
 def test_repair_help_says_the_default_has_no_mask(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["repair", "--help"])

@@ -19,6 +19,8 @@ from ..errors import UserInputError, build_config
 DEFAULT_CALIBRATION = "default"
 CALIBRATION_HELP = ("'default' (the shipped calibration: cnn and lenet on fmnist, the default detector settings), "
                     "a file from `soda zoo calibrate`, or 'none'")
+# soda_backdoor.repair.repair.PRECISIONS (the same reason)
+REPAIR_PRECISIONS = ("float32", "bfloat16")
 
 EXAMPLES = """examples:
   soda train --dataset fmnist --attack stripet --arch cnn --seed 0 --out m.safetensors
@@ -153,6 +155,9 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
                    "samples to the target at the tuning cut (feature space) and repair them with the reconstructed "
                    "ones: on the dev zoos more backdoors removed, at a larger worst-case accuracy cost (default 0: "
                    "off; docs/repair.md)")
+    g.add_argument("--repair-precision", choices=REPAIR_PRECISIONS, default="float32", help="precision of the tuning's "
+                   "forward passes: bfloat16 is faster on CPUs with AVX512-BF16 or AMX and on recent GPUs, slower "
+                   "elsewhere; weights and measurements stay float32 (default float32; docs/repair.md)")
 
 
 def _train_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:
@@ -359,10 +364,10 @@ def _repair_config(args):
     from ..repair import RepairConfig
 
     flags = {"top": "--top", "epochs": "--repair-epochs", "lr": "--repair-lr", "reg": "--repair-reg",
-             "variations": "--variations", "feature_samples": "--feature-samples"}
+             "variations": "--variations", "feature_samples": "--feature-samples", "precision": "--repair-precision"}
     return build_config(RepairConfig, flags, top=args.top, epochs=args.repair_epochs, lr=args.repair_lr,
                   reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed, variations=args.variations,
-                  feature_samples=args.feature_samples,
+                  feature_samples=args.feature_samples, precision=args.repair_precision,
                   tune_from=None if args.tune_from == "all" else args.tune_from)
 
 
