@@ -55,6 +55,7 @@ from soda_backdoor.detection.stats import mad_outliers, pearson
 from soda_backdoor.data import normalize
 from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_one_by_one
 from soda_backdoor.repair import RepairConfig
+from soda_backdoor.repair.repair import PRECISIONS
 from soda_backdoor.training import TrainConfig
 from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.workflow import steps
@@ -313,19 +314,24 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
             row("reconstruct", o, r, {"kept": rec.kept, "tried": rec.tried, "success": round(rec.kept / rec.tried, 4)},
                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r[0].items()})
     if "repair" in which:
-        m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
-        ours_cfg = RepairConfig() if a.repair_epochs is None else RepairConfig(epochs=a.repair_epochs)
-        o = timed(lambda: steps.repair(m1, ctx, src, tgt, samples, ours_cfg))
-        rep = o[0]
+        ours = []
+        for precision in a.repair_precision:  # ours once per precision, against one run of the reference
+            m1 = copy.deepcopy(base)
+            cfg = RepairConfig(precision=precision, **({} if a.repair_epochs is None else {"epochs": a.repair_epochs}))
+            ours.append((precision, timed(lambda: steps.repair(m1, ctx, src, tgt, samples, cfg))))
+        m2 = copy.deepcopy(base)
         layer = a.ref_layer or str(parse_layer(base.module, None))
         inputs = class_inputs(ctx, base.meta, 256, torch.device("cpu"))
         attribution = naive_class_attribution(m2.module.eval(), parse_layer(m2.module, layer), inputs[src])[:, tgt]
         r = timed(lambda: ref_repair(m2, ctx, src, tgt, samples, layer, attribution, a.ref_top, a.ref_epochs,
                                      a.ref_lr, a.ref_reg))
-        row("repair", o, r, {"acc": round(rep.after.acc, 4), "asr": round(rep.after.asr, 4),
-                             "rasr": round(rep.rasr_after, 4), "acc_before": round(rep.before.acc, 4),
-                             "asr_before": round(rep.before.asr, 4)},
-            {k: round(v, 4) for k, v in r[0].items()})
+        for precision, o in ours:
+            rep = o[0]
+            row("repair" if precision == "float32" else f"repair ({precision})", o, r,
+                {"acc": round(rep.after.acc, 4), "asr": round(rep.after.asr, 4),
+                 "rasr": round(rep.rasr_after, 4), "acc_before": round(rep.before.acc, 4),
+                 "asr_before": round(rep.before.asr, 4)},
+                {k: round(v, 4) for k, v in r[0].items()})
     return rows
 
 
@@ -342,6 +348,8 @@ def main() -> None:
     ap.add_argument("--n-recon", type=int, default=100)
     ap.add_argument("--recon-steps", type=int, default=2000)
     ap.add_argument("--repair-epochs", type=int, default=None, help="our repair's epochs (default: ours)")
+    ap.add_argument("--repair-precision", nargs="+", default=["float32"], choices=PRECISIONS,
+                    help="our repair's tuning precision; several: ours once per precision (default float32)")
     ap.add_argument("--ref-layer", default=None, help="the reference's analysis layer (default: ours)")
     ap.add_argument("--ref-tau", type=float, default=3.0, help="the reference's --confidence")
     ap.add_argument("--ref-top", type=float, default=0.5)

@@ -14,6 +14,8 @@ names the source better, alone or with the errors:
 - ``V>=v``: the largest variation excess when it reaches ``v``, else ``E``;
 - ``E|V>=f``: the largest evidence among the sources whose excess is at least ``f`` of the
   largest (every source when the largest is not positive);
+- ``flagging``: the largest ``E`` where the errors flag the target (``E`` above their
+  threshold), the largest ``V`` where the variations flag it alone;
 - ``rank``: the smallest sum of the two ranks, ties to ``E``.
 
 ``detect`` runs the product's detector (``workflow.detect``, default settings, exactly as
@@ -39,6 +41,7 @@ import numpy as np
 from provenance import write_record  # research/provenance.py
 
 V_LEVELS = (0.02, 0.05, 0.1, 0.2)
+TAU = 2.99  # ErrorConfig().tau, the errors' threshold
 FRACTIONS = (0.25, 0.5, 0.75)
 
 
@@ -98,6 +101,10 @@ def rules() -> dict[str, Callable[[np.ndarray, np.ndarray, list[int]], int]]:
             keep = [s for s in o if v[s] >= f * top] if top > 0 else o
             return _argmax(e, keep)
         out[f"E|V>={f}"] = among
+
+    # the source from the evidence that flagged the target: the errors where they reach their
+    # threshold, the variations where the target is flagged by them alone
+    out["flagging"] = lambda e, v, o: _argmax(e, o) if max(e[s] for s in o) > TAU else _argmax(v, o)
 
     def rank(e, v, o):
         re = {s: i for i, s in enumerate(sorted(o, key=lambda s: -e[s]))}

@@ -429,6 +429,14 @@ def exposure_factors(n: np.ndarray, lam: np.ndarray, exposure: float) -> np.ndar
     return np.maximum(k, 1.0)
 
 
+def variation_source(variations: np.ndarray, target: int) -> int:
+    """The source of a target flagged by the variations alone: the class whose varied samples
+    reach it in the largest excess over the clean references (the lowest class on a tie)."""
+    column = np.asarray(variations, dtype=np.float64)[:, target].copy()
+    column[target] = -np.inf
+    return int(np.argmax(column))
+
+
 @dataclass(frozen=True)
 class ErrorDetection:
     """The verdict of the confident-error evidence.
@@ -471,8 +479,11 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
 
     With ``variations`` (``V[s, t]`` of :func:`.variations.variation_excess`) and
     ``config.variation_tau > 0``, a target whose largest ``V`` reaches ``variation_tau`` is
-    flagged too (after the errors' pairs), with the errors' strongest source into it; the
-    scores become ``max(E, tau * V / variation_tau)``, so ``tau`` stays the threshold.
+    flagged too (after the errors' pairs). Each pair's source comes from the evidence that
+    flagged its target: the errors' strongest source where the errors flag it, the
+    variations' strongest source where they flag it alone (the errors into such a target
+    are within their null, so their largest says nothing; docs/detection.md). The scores
+    become ``max(E, tau * V / variation_tau)``, so ``tau`` stays the threshold.
     """
     config = config or ErrorConfig()
     e = error_evidence(counts, reference, config.prior, config.exposure, config.null, config.shrink)
@@ -487,8 +498,8 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
     if variations is not None and config.variation_tau > 0:
         v_t = variations.max(0)
         flagged = {t for _, t in pairs}
-        extra = [t for t in np.argsort(-v_t) if v_t[t] >= config.variation_tau and int(t) not in flagged]
-        pairs += tuple((int(per_target.indices[t]), int(t)) for t in extra)
+        extra = [int(t) for t in np.argsort(-v_t) if v_t[t] >= config.variation_tau and int(t) not in flagged]
+        pairs += tuple((variation_source(variations, t), t) for t in extra)
         scaled = config.tau * v_t / config.variation_tau
         class_scores = [max(c, float(x)) for c, x in zip(class_scores, scaled)]
         score = max(score, float(scaled.max()))

@@ -15,7 +15,8 @@ excess over the largest rate of that pair among clean reference models,
 
 The detection flags the target of the largest ``V`` when it reaches ``tau``, beside the
 confident-error verdict (:mod:`.errors`); the source is the errors' strongest source into
-that target. On by default (``ErrorConfig.variation_tau``, chosen on the dev zoo and measured
+that target where the errors flag it too, else the largest ``V`` into it
+(:func:`.errors.variation_source`). On by default (``ErrorConfig.variation_tau``, chosen on the dev zoo and measured
 on the others in docs/detection.md, "The variation evidence"), with its limit: the family and
 the zoos' synthetic attacks move the same properties, so an attack outside the family only
 has the errors.
