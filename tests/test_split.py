@@ -1,5 +1,7 @@
 """Cutting a network in two (analysis/split.py) and the repair that tunes only the tail."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from soda_backdoor.analysis.split import deepest_split, split_after
 from soda_backdoor.errors import UserInputError
 from soda_backdoor.models.registry import create_model
 from soda_backdoor.repair import RepairConfig, repair_model
+from soda_backdoor.training import predict, predict_shared
 
 
 @pytest.mark.parametrize("arch,layer", [("cnn", "features.7"), ("lenet", "features"), ("resnet18", "layer3"),
@@ -70,3 +73,26 @@ def test_auto_cut_falls_back_to_every_layer_on_a_model_fx_cannot_trace(caplog):
     assert "fine-tuning every layer" in caplog.text and "cannot trace" in caplog.text
     with pytest.raises(UserInputError, match="cannot trace"):
         _tuned_part(model, torch.randn(2, 1, 32, 32), "conv1")
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])
+def test_models_sharing_a_prefix_predict_as_each_whole_model(arch):
+    """The repair measures the model before and after in one pass of the untouched layers:
+    each model's labels must be those of its own whole-model pass (batch norms folded alike)."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_channels=1, input_size=28)
+    with torch.no_grad():  # batch-norm statistics that are not the identity
+        model.train()
+        model(torch.randn(64, 1, 28, 28))
+    model.eval()
+    changed = copy.deepcopy(model)
+    x = torch.randint(0, 256, (70, 1, 28, 28), dtype=torch.uint8)
+    layer = deepest_split(model, x[:1].float()).layer
+    with torch.no_grad():
+        for p in split_after(changed, layer).tail.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    old, new = split_after(model, layer), split_after(changed, layer)
+    labels = predict_shared(new.prefix, [old.tail, new.tail], x, (0.3,), (0.3,), batch_size=32)
+    assert torch.equal(labels[0], predict(model, x, (0.3,), (0.3,), batch_size=32))
+    assert torch.equal(labels[1], predict(changed, x, (0.3,), (0.3,), batch_size=32))
+    assert not torch.equal(labels[0], labels[1])

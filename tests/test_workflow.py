@@ -114,14 +114,14 @@ def test_pipeline_from_python_on_a_given_model(tiny, first_run, tmp_path) -> Non
     assert json.loads((tmp_path / "audit" / "summary.json").read_text()) == json.loads(json.dumps(report.to_dict()))
 
 
-def test_steps_on_in_memory_objects(tiny, tmp_path) -> None:
+def test_steps_on_in_memory_objects(tiny, tmp_path, monkeypatch) -> None:
     """Train, evaluate, detect, reconstruct and repair in one process, no files in between."""
     from soda_backdoor.artifacts import SampleSet
     from soda_backdoor.detection import DetectionConfig
     from soda_backdoor.analysis import AttributionConfig
     from soda_backdoor.reconstruction import ReconstructionConfig
     from soda_backdoor.repair import RepairConfig
-    from soda_backdoor.training import TrainConfig
+    from soda_backdoor.training import TrainConfig, evaluate_attack_shared
     from soda_backdoor.workflow import detect, evaluate, reconstruct, repair, train
 
     folder, attack = tiny
@@ -138,9 +138,16 @@ def test_steps_on_in_memory_objects(tiny, tmp_path) -> None:
     src, tgt = det.pairs[0]
     rec = reconstruct(model, ctx, src, tgt, ReconstructionConfig(steps=30, num_keep=6, batch_size=8))
     assert rec.reconstruction.kept >= 2
+    from soda_backdoor.workflow import steps
+
+    shared = []  # the model before and after, measured in one pass of the untouched layers
+    monkeypatch.setattr(steps, "evaluate_attack_shared",
+                        lambda *a, **k: shared.append(a[1]) or evaluate_attack_shared(*a, **k))
     fixed = repair(model, ctx, src, tgt, SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint),
                    RepairConfig(epochs=1))
     d = fixed.to_dict()
+    assert d["tuned_from"] == "features.7" and len(shared) == 1 and len(shared[0]) == 2
+    assert fixed.before == ev and fixed.after == evaluate(fixed.model, ctx)
     assert d["n_repair_samples"] + d["n_heldout_samples"] == rec.reconstruction.kept
     assert fixed.model.meta.notes and "repaired" in fixed.model.meta.notes[-1]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -117,35 +119,60 @@ class TrainResult:
         return {"config": asdict(self.config), "history": self.history, "seconds": self.seconds}
 
 
+@contextmanager
+def _inference_views(modules: Sequence[nn.Module]) -> Iterator[list[nn.Module]]:
+    """:func:`~soda_backdoor.utils.inference_view` of each module, for as long as the block runs."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(inference_view(m)) for m in modules]
+
+
 @torch.no_grad()
+def predict_shared(prefix: nn.Module, tails: Sequence[nn.Module], x: Tensor, mean: tuple[float, ...],
+                   std: tuple[float, ...], batch_size: int | None = None,
+                   device: torch.device | str = "cpu") -> list[Tensor]:
+    """Predicted labels of the models ``tail(prefix(x))``, one tensor per tail: the shared
+    ``prefix`` runs once per batch (the model before and after a repair that tuned only the
+    tail: docs/benchmarks.md). Each model folded and run as :func:`predict` runs it, so the
+    labels are those of :func:`predict` on the whole model.
+    """
+    batch_size = batch_size or pass_batch(device)
+    out: list[list[Tensor]] = [[] for _ in tails]
+    with _inference_views([prefix, *tails]) as (head, *fast), torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            h = head(normalize(x[i:i + batch_size].to(device), mean, std))
+            for labels, tail in zip(out, fast):
+                labels.append(tail(h).argmax(1).cpu())
+    return [torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long) for labels in out]
+
+
 def predict(model: nn.Module, x: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
             batch_size: int | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Predicted labels for uint8 images ``x`` (normalised on the fly), in inference mode.
 
     ``batch_size`` defaults to :func:`~soda_backdoor.utils.pass_batch` of ``device``.
     """
-    batch_size = batch_size or pass_batch(device)
-    out = []
-    with inference_view(model) as fast, torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            xb = normalize(x[i:i + batch_size].to(device), mean, std)
-            out.append(fast(xb).argmax(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return predict_shared(nn.Identity(), [model], x, mean, std, batch_size, device)[0]
+
+
+def evaluate_attack_shared(prefix: nn.Module, tails: Sequence[nn.Module], data: Dataset, splits: Splits,
+                           attack: SemanticAttack | None, mean: tuple[float, ...], std: tuple[float, ...],
+                           device: torch.device | str = "cpu") -> list[EvalResult]:
+    """:func:`evaluate_attack` of each model ``tail(prefix(x))``, with one pass of ``prefix``."""
+    xc, yc = data.x_test[splits.clean_test], data.y_test[splits.clean_test]
+    xs = data.x_test[splits.semantic_test] if attack is not None else data.x_test[:0]
+    with _inference_views([prefix, *tails]) as (head, *fast):  # folded once for both passes
+        accs = [(p == yc).float().mean().item() if len(yc) else 0.0
+                for p in predict_shared(head, fast, xc, mean, std, device=device)]
+        asrs = [(p == attack.target).float().mean().item() if len(xs) else 0.0
+                for p in predict_shared(head, fast, xs, mean, std, device=device)]
+    return [EvalResult(acc=acc, asr=asr, n_clean=len(yc), n_semantic=len(xs)) for acc, asr in zip(accs, asrs)]
 
 
 def evaluate_attack(model: nn.Module, data: Dataset, splits: Splits, attack: SemanticAttack | None,
                     mean: tuple[float, ...], std: tuple[float, ...],
                     device: torch.device | str = "cpu") -> EvalResult:
     """ACC on the clean test split; ASR = fraction of semantic test samples sent to the target."""
-    xc, yc = data.x_test[splits.clean_test], data.y_test[splits.clean_test]
-    with inference_view(model) as fast:  # one folded copy for both passes (predict does not fold it again)
-        acc = (predict(fast, xc, mean, std, device=device) == yc).float().mean().item() if len(yc) else 0.0
-        asr, n_sem = 0.0, 0
-        if attack is not None and len(splits.semantic_test):
-            xs = data.x_test[splits.semantic_test]
-            n_sem = len(xs)
-            asr = (predict(fast, xs, mean, std, device=device) == attack.target).float().mean().item()
-    return EvalResult(acc=acc, asr=asr, n_clean=len(yc), n_semantic=n_sem)
+    return evaluate_attack_shared(nn.Identity(), [model], data, splits, attack, mean, std, device)[0]
 
 
 def train_model(model: nn.Module, data: Dataset, splits: Splits, attack: SemanticAttack | None,

@@ -9,6 +9,7 @@ scripts) load the inputs with :mod:`.context`, call a step, and save what they w
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..analysis import AttributionConfig, activations, compute_neuron_effects, parse_layer
+from ..analysis.split import split_after
 from ..artifacts import DEFAULT_CALIBRATION, SampleSet, model_fingerprint, resolve_calibration
 from ..data import normalize
 from ..detection import CalibratedScore, Calibration, DetectionConfig, detect_backdoor
@@ -30,7 +32,7 @@ from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
 from ..repair import BaselineRepairConfig, RepairConfig, mine_variations, repair_model, repair_with
-from ..training import TrainConfig, evaluate_attack, train_model
+from ..training import TrainConfig, evaluate_attack, evaluate_attack_shared, train_model
 from ..utils import recalibrated_batchnorm, seed_everything
 from .context import DataContext, class_inputs
 from .reports import (BaselineRepairReport, DetectReport, EvaluateReport, ReconstructReport, RepairReport,
@@ -323,7 +325,7 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     samples.check(source, target, model_fingerprint(module), tuple(ctx.data.x_train.shape[1:]))
     x_fix, x_hold = (x.to(device) for x in samples.split())
     ref = parse_layer(module, layer)
-    before = before or evaluate(model, ctx, device)
+    original = None if before is not None else copy.deepcopy(module)  # measured beside the repaired one, after
     rasr_before = rasr(module, x_hold, target)
     if config.top < 1.0:
         inputs = class_inputs(ctx, meta, num_samples, torch.device(device))
@@ -343,7 +345,7 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
                                config.variation_generations)
     result = repair_model(module, ref, attribution, x_clean, y_clean, torch.cat([x_fix, x_varied]), source, target,
                           config, progress)
-    after = evaluate(model, ctx, device)
+    before, after = _before_and_after(model, original, before, result.tuned_from, ctx, device)
     rasr_after = rasr(module, x_hold, target)
     note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
             f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples"
@@ -353,6 +355,31 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
                         source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
                         config, n_varied=len(x_varied))
+
+
+def _before_and_after(model: LoadedModel, original: torch.nn.Module | None, before: EvaluateReport | None,
+                      tuned_from: str | None, ctx: DataContext,
+                      device: torch.device | str) -> tuple[EvaluateReport, EvaluateReport]:
+    """ACC and ASR of the model before the repair (``before``, or ``original``: an untouched
+    copy) and after it (``model``).
+
+    When the repair tuned only the layers after ``tuned_from`` and left every weight and
+    buffer before the cut as it was, both models are measured in one pass whose frozen part
+    runs once: the same labels as two passes (each half folded as the whole model is), at
+    about one test pass plus two tails (docs/benchmarks.md).
+    """
+    if before is not None:
+        return before, evaluate(model, ctx, device)
+    assert original is not None
+    if tuned_from is not None:
+        new, old = split_after(model.module, tuned_from), split_after(original, tuned_from)
+        kept = old.prefix.state_dict()
+        if all(torch.equal(v, kept[k]) for k, v in new.prefix.state_dict().items()):
+            evs = evaluate_attack_shared(new.prefix, [old.tail, new.tail], ctx.data, ctx.splits, ctx.attack,
+                                         model.meta.mean, model.meta.std, device)
+            ev_before, ev_after = (EvaluateReport.from_eval(ev, ctx.attack_name) for ev in evs)
+            return ev_before, ev_after
+    return evaluate(LoadedModel(original, model.meta), ctx, device), evaluate(model, ctx, device)
 
 
 def repair_baseline(model: LoadedModel, ctx: DataContext, method: str, config: BaselineRepairConfig | None = None,
