@@ -1,6 +1,7 @@
 """Where the time of `soda repair` goes on one of the study's architectures (docs/benchmarks.md).
 
-Times each phase of ``workflow.repair`` (the test passes before and after, R-ASR, the mask's
+Times each phase of ``workflow.repair`` (the test passes before and after, measured together
+since 2026-12-07 when the repair tuned only the tail; R-ASR, the mask's
 attribution, the natural variations, the frozen part's single pass, the cut of the target's
 links, the tuning) on the briefly trained state_dict of ``benchmarks/bench_study_archs.py``
 (the same cache), after our reconstruction of 100 samples. Nothing is changed: each phase's
@@ -70,7 +71,9 @@ def main() -> None:
     recon_s = time.perf_counter() - t0
     samples = SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint)
 
-    for name, label in (("evaluate", "test pass (evaluate)"), ("rasr", "R-ASR"),
+    for name, label in (("evaluate", "test pass (evaluate)"),
+                        ("evaluate_attack_shared", "test passes before and after, the frozen part once"),
+                        ("rasr", "R-ASR"),
                         ("compute_neuron_effects", "mask attribution"), ("class_inputs", "mask inputs"),
                         ("mine_variations", "natural variations"), ("repair_model", "repair_model (all)")):
         _timed(steps_mod, name, label)
