@@ -314,8 +314,9 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
     ``samples`` must be reconstructed for ``source -> target`` from this model. Every other
     sample is used for the repair, the rest are held out to measure R-ASR. ACC and ASR are
     measured on ``ctx`` before and after (ASR needs ``ctx.attack``; without one it is 0);
-    ``before`` is :func:`evaluate` of this model on this data when the caller already has it
-    (it saves a test pass).
+    ``before`` is :func:`evaluate` of this model on this data when the caller already has it.
+    Without it, the model before is measured after the repair, beside the repaired one, in
+    one pass of the layers the repair left untouched (:func:`_before_and_after`).
     """
     config = config or RepairConfig()
     t0 = time.perf_counter()
