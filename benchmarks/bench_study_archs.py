@@ -18,19 +18,23 @@ briefly here and cached), the same data and the same inputs, one run times each 
     in train mode over the 5% clean subset, each followed by three test passes (clean,
     semantic, reconstructed), and the test passes before and after.
 
-It prints seconds, peak resident memory above the start of the step, the outcome of each
-side, and the ratio. The reference repair uses the study's settings for striped T-shirts on
+It prints seconds, peak memory of the step (resident memory above its start on CPU; the peak
+of allocated GPU memory with ``--device cuda``), the outcome of each side, and the ratio. Both
+sides run on the same device (``--device``, default auto); as the study's data loaders do, the
+reference moves each batch to the device, and ours keeps its own data path. The reference
+repair uses the study's settings for striped T-shirts on
 MobileNetV2 (``data/commands.txt``: lr 0.01, reg 0.0005, top 0.5, 5 epochs) unless told.
 
 Usage:
     python benchmarks/bench_study_archs.py [--arch MobileNetV2 resnet18] [--model ARCH=PATH ...]
-        [--steps evaluate detect reconstruct repair] [--json OUT]
+        [--steps evaluate detect reconstruct repair] [--device auto|cpu|cuda] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -57,6 +61,8 @@ from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_one_b
 from soda_backdoor.repair import RepairConfig
 from soda_backdoor.repair.repair import PRECISIONS
 from soda_backdoor.training import TrainConfig
+from soda_backdoor.errors import UserInputError
+from soda_backdoor.utils import resolve_device
 from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.workflow import steps
 
@@ -93,13 +99,26 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss() - self.base)
 
 
-def timed(fn):
-    """``(result, seconds, peak MB)`` of ``fn()``."""
+def timed(fn, device: torch.device = torch.device("cpu")):
+    """``(result, seconds, peak MB)`` of ``fn()``: on CUDA, the clock waits for the device's
+    queued work and the peak is of allocated GPU memory above the step's start."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         out = fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         sec = time.perf_counter() - t0
-    return out, sec, mem.peak / 2**20
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else mem.peak
+    return out, sec, peak / 2**20
+
+
+def device_of(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 # ----------------------------------------------------------------------------- references
@@ -109,10 +128,10 @@ def timed(fn):
 def ref_test_pass(module, x_u8, y, mean, std, batch=64) -> float:
     """The study's ``test()``: eval mode, ``no_grad``, batches of 64; accuracy against ``y``."""
     module.eval()
-    correct = 0
+    dev, correct = device_of(module), 0
     for i in range(0, len(x_u8), batch):
-        out = module(normalize(x_u8[i:i + batch], mean, std))
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+        out = module(normalize(x_u8[i:i + batch].to(dev), mean, std))
+        correct += int((out.argmax(1) == y[i:i + batch].to(dev)).sum())
     return correct / max(len(y), 1)
 
 
@@ -148,7 +167,7 @@ def study_analyze_hidden(module, ref, x, batch: int = 64) -> torch.Tensor:
 def ref_detect(model, ctx, layer: str, tau: float) -> dict:
     """``analyze_hidden`` per class, ``detect_pcc``, then ``analyze_source_class`` per flagged target."""
     module, k = model.module.eval(), ctx.data.num_classes
-    inputs = class_inputs(ctx, model.meta, 256, torch.device("cpu"))
+    inputs = class_inputs(ctx, model.meta, 256, device_of(module))
     ref = parse_layer(module, layer)
     mats = torch.stack([study_analyze_hidden(module, ref, inputs[c]) for c in range(k)])
     rho = torch.zeros(k, k)
@@ -179,7 +198,7 @@ def ref_reconstruct(model, ctx, source: int, target: int, n: int, steps_: int) -
     """``gen_trigger``: one image at a time, starts in the same order as ours."""
     idx = ctx.splits.clean_train[ctx.data.y_train[ctx.splits.clean_train] == source]
     idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))]
-    starts = normalize(ctx.data.x_train[idx], model.meta.mean, model.meta.std)
+    starts = normalize(ctx.data.x_train[idx].to(device_of(model.module)), model.meta.mean, model.meta.std)
     cfg = ReconstructionConfig(steps=steps_, num_keep=n)
     kept_x, tried = [], 0
     for i in range(0, len(starts), 10):  # the study stops at n kept; tried in blocks of 10 to check
@@ -201,8 +220,10 @@ def ref_repair(model, ctx, source: int, target: int, samples: SampleSet, layer: 
     ``attribution``: ``A_s[:, t]``, which the study reads from its analysis files.
     """
     module, meta = model.module, model.meta
+    dev = device_of(module)
     ref = parse_layer(module, layer)
     x_fix, x_hold = samples.split()
+    x_hold = x_hold.to(dev)
     d, sp = ctx.data, ctx.splits
     x_clean = normalize(d.x_train[sp.defender], meta.mean, meta.std)
     y_clean = d.y_train[sp.defender]
@@ -229,11 +250,12 @@ def ref_repair(model, ctx, source: int, target: int, samples: SampleSet, layer: 
         for i in range(0, len(perm), 64):
             b = perm[i:i + 64][:64 - need]
             pick = torch.randint(0, len(x_fix), (need,), generator=gen)
-            xb = torch.cat([x_clean[b], x_fix[pick]])
-            yb = torch.cat([y_clean[b], torch.full((need,), source)])
+            xb = torch.cat([x_clean[b], x_fix[pick]]).to(dev)
+            yb = torch.cat([y_clean[b], torch.full((need,), source)]).to(dev)
             with intervene(module, ref, lambda h: h * mask.view([1, -1] + [1] * (h.dim() - 2))):
                 out = module(xb)
-            loss = F.cross_entropy(out, yb) - reg * F.cross_entropy(out[-need:], torch.full((need,), target))
+            away = F.cross_entropy(out[-need:], torch.full((need,), target, device=dev))
+            loss = F.cross_entropy(out, yb) - reg * away
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -246,7 +268,7 @@ def ref_repair(model, ctx, source: int, target: int, samples: SampleSet, layer: 
 # ---------------------------------------------------------------------------- the benchmark
 
 
-def brief_model(arch: str, ctx, n: int, epochs: int, cache: Path) -> Path:
+def brief_model(arch: str, ctx, n: int, epochs: int, cache: Path, device: torch.device) -> Path:
     """Train ``arch`` on ``n`` clean images (+ the semantic samples) for ``epochs``; cached by settings."""
     path = cache / f"{arch}-stripet-n{n}-e{epochs}.th"
     if path.exists():
@@ -256,14 +278,15 @@ def brief_model(arch: str, ctx, n: int, epochs: int, cache: Path) -> Path:
     small = replace(ctx, splits=replace(ctx.splits, clean_train=sub))
     cfg = TrainConfig(epochs=epochs, lr=0.05, milestones=(max(1, epochs - 1),), plain_final_epochs=1, seed=0)
     print(f"training {arch} on {n} images for {epochs} epoch(s) (cached at {path})", flush=True)
-    rep = steps.train(small, cfg, "cpu", arch)
+    rep = steps.train(small, cfg, device, arch)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rep.model.module.state_dict(), path)
     return path
 
 
-def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dict]:
-    base = open_model(path, ctx.data, torch.device("cpu"), arch=arch)
+def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a, dev: torch.device) -> list[dict]:
+    base = open_model(path, ctx.data, dev, arch=arch)
+    clock = functools.partial(timed, device=dev)
     src, tgt = ctx.attack.source, ctx.attack.target
     rows = []
 
@@ -276,16 +299,17 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
               f"ref {ref_out}  ours {ours_out}", flush=True)
 
     if "evaluate" in which:  # short: alternate twice, keep each side's faster run
-        runs = [(timed(lambda: steps.evaluate(base, ctx)), timed(lambda: ref_evaluate(base, ctx))) for _ in range(2)]
+        runs = [(clock(lambda: steps.evaluate(base, ctx, device=dev)), clock(lambda: ref_evaluate(base, ctx)))
+                for _ in range(2)]
         o = min((x[0] for x in runs), key=lambda t: t[1])
         r = min((x[1] for x in runs), key=lambda t: t[1])
         row("evaluate", o, r, {"acc": round(o[0].acc, 4), "asr": round(o[0].asr, 4)},
             {k: round(v, 4) for k, v in r[0].items()})
     if "detect" in which:
         cfg = DetectionConfig()
-        o = timed(lambda: steps.detect(base, ctx, cfg))
+        o = clock(lambda: steps.detect(base, ctx, cfg, device=dev))
         rep = o[0]
-        r = timed(lambda: ref_detect(base, ctx, a.ref_layer or str(parse_layer(base.module, None)), a.ref_tau))
+        r = clock(lambda: ref_detect(base, ctx, a.ref_layer or str(parse_layer(base.module, None)), a.ref_tau))
         # ours: the default verdict (confident errors: the pair, source included, from one pass over the test
         # split); the reference: its target test, and its source rule when a target is flagged
         row("detect", o, r, {"pairs": [list(p) for p in rep.pairs], "evidence": rep.evidence,
@@ -293,11 +317,11 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
             {"pairs": [list(p) for p in r[0]["pairs"]]})
         # The `fastest` source rule of `--evidence weights` for the true target, timed alone: what a
         # weight-profile flag adds to that evidence (the default verdict does not run it).
-        inputs = class_inputs(ctx, base.meta, cfg.attribution.num_samples, torch.device("cpu"))
+        inputs = class_inputs(ctx, base.meta, cfg.attribution.num_samples, dev)
         e = mean_logits(base.module, inputs, ctx.data.num_classes)
         ev = SourceEvidence(base.module, inputs, tgt, ctx.data.num_classes, e, cfg)
-        so = timed(lambda: get_source_rule(cfg.source_rule)(ev))
-        sr = timed(lambda: ref_mean_logits(base.module, inputs, ctx.data.num_classes))
+        so = clock(lambda: get_source_rule(cfg.source_rule)(ev))
+        sr = clock(lambda: ref_mean_logits(base.module, inputs, ctx.data.num_classes))
         scores = so[0][0].clone()
         scores[tgt] = -float("inf")
         col = sr[0][:, tgt].clone()
@@ -306,11 +330,11 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
     samples = None
     if "reconstruct" in which or "repair" in which:
         rcfg = ReconstructionConfig(num_keep=a.n_recon, steps=a.recon_steps)
-        o = timed(lambda: steps.reconstruct(base, ctx, src, tgt, rcfg))
+        o = clock(lambda: steps.reconstruct(base, ctx, src, tgt, rcfg, device=dev))
         rec = o[0].reconstruction
         samples = SampleSet.from_reconstruction(rec, o[0].fingerprint)
         if "reconstruct" in which:
-            r = timed(lambda: ref_reconstruct(base, ctx, src, tgt, a.n_recon, a.recon_steps))
+            r = clock(lambda: ref_reconstruct(base, ctx, src, tgt, a.n_recon, a.recon_steps))
             row("reconstruct", o, r, {"kept": rec.kept, "tried": rec.tried, "success": round(rec.kept / rec.tried, 4)},
                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r[0].items()})
     if "repair" in which:
@@ -318,12 +342,12 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a) -> list[dic
         for precision in a.repair_precision:  # ours once per precision, against one run of the reference
             m1 = copy.deepcopy(base)
             cfg = RepairConfig(precision=precision, **({} if a.repair_epochs is None else {"epochs": a.repair_epochs}))
-            ours.append((precision, timed(lambda: steps.repair(m1, ctx, src, tgt, samples, cfg))))
+            ours.append((precision, clock(lambda: steps.repair(m1, ctx, src, tgt, samples, cfg, device=dev))))
         m2 = copy.deepcopy(base)
         layer = a.ref_layer or str(parse_layer(base.module, None))
-        inputs = class_inputs(ctx, base.meta, 256, torch.device("cpu"))
+        inputs = class_inputs(ctx, base.meta, 256, dev)
         attribution = naive_class_attribution(m2.module.eval(), parse_layer(m2.module, layer), inputs[src])[:, tgt]
-        r = timed(lambda: ref_repair(m2, ctx, src, tgt, samples, layer, attribution, a.ref_top, a.ref_epochs,
+        r = clock(lambda: ref_repair(m2, ctx, src, tgt, samples, layer, attribution, a.ref_top, a.ref_epochs,
                                      a.ref_lr, a.ref_reg))
         for precision, o in ours:
             rep = o[0]
@@ -356,11 +380,16 @@ def main() -> None:
     ap.add_argument("--ref-epochs", type=int, default=5)
     ap.add_argument("--ref-lr", type=float, default=0.01)
     ap.add_argument("--ref-reg", type=float, default=0.0005)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda: where both sides run (default auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    try:
+        dev = resolve_device(a.device)
+    except UserInputError as exc:
+        ap.error(str(exc))
     ctx = load_context("fmnist", None, a.attack, None)
     given = dict(m.split("=", 1) for m in a.model)
     print(f"{'arch':<12}{'step':<22}{'ref s':>9}{'ours s':>9}{'ratio':>9}{'ref MB':>8}{'ours MB':>8}")
@@ -368,13 +397,14 @@ def main() -> None:
     for arch in a.arch:
         n, epochs = BRIEF.get(arch, (20000, 1))
         path = given.get(arch) or str(brief_model(arch, ctx, a.train_images or n, a.train_epochs or epochs,
-                                                  Path(a.cache)))
-        rows += bench_arch(arch, path, ctx, tuple(a.steps), a)
+                                                  Path(a.cache), dev))
+        rows += bench_arch(arch, path, ctx, tuple(a.steps), a, dev)
     if a.json:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         rec = {"config": vars(a), "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "commit": commit, "machine": platform.machine(), "processor": platform.processor(),
-               "cpus": os.cpu_count()}
+               "cpus": os.cpu_count(),
+               "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
         Path(a.json).write_text(json.dumps(rec, indent=2) + "\n")
 
 
