@@ -351,10 +351,10 @@ def bench_arch(arch: str, path: str, ctx, which: tuple[str, ...], a, dev: torch.
                                      a.ref_lr, a.ref_reg))
         for precision, o in ours:
             rep = o[0]
-            row("repair" if precision == "float32" else f"repair ({precision})", o, r,
+            row("repair" if precision == "auto" else f"repair ({precision})", o, r,
                 {"acc": round(rep.after.acc, 4), "asr": round(rep.after.asr, 4),
                  "rasr": round(rep.rasr_after, 4), "acc_before": round(rep.before.acc, 4),
-                 "asr_before": round(rep.before.asr, 4)},
+                 "asr_before": round(rep.before.asr, 4), "precision": rep.config.precision},
                 {k: round(v, 4) for k, v in r[0].items()})
     return rows
 
@@ -372,8 +372,8 @@ def main() -> None:
     ap.add_argument("--n-recon", type=int, default=100)
     ap.add_argument("--recon-steps", type=int, default=2000)
     ap.add_argument("--repair-epochs", type=int, default=None, help="our repair's epochs (default: ours)")
-    ap.add_argument("--repair-precision", nargs="+", default=["float32"], choices=PRECISIONS,
-                    help="our repair's tuning precision; several: ours once per precision (default float32)")
+    ap.add_argument("--repair-precision", nargs="+", default=["auto"], choices=PRECISIONS,
+                    help="our repair's tuning precision; several: ours once per precision (default auto, ours)")
     ap.add_argument("--ref-layer", default=None, help="the reference's analysis layer (default: ours)")
     ap.add_argument("--ref-tau", type=float, default=3.0, help="the reference's --confidence")
     ap.add_argument("--ref-top", type=float, default=0.5)

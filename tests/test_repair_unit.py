@@ -188,6 +188,23 @@ def test_bfloat16_repair_tunes_in_low_precision_and_keeps_float32_weights() -> N
     assert abs(full_hist[-1]["loss"] - low_hist[-1]["loss"]) < 0.1
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_tunes_in_bfloat16_only_where_the_cpu_computes_it(monkeypatch, native: bool) -> None:
+    from soda_backdoor.repair.repair import tuning_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert tuning_precision("auto", cpu) == ("bfloat16" if native else "float32")
+    assert tuning_precision("float32", cpu) == "float32" and tuning_precision("bfloat16", cpu) == "bfloat16"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    res = repair_model(model, LayerRef("3", "input"), torch.rand(8), x, y, torch.randn(6, 1, 4, 4), source=0, target=2,
+                       config=RepairConfig(epochs=1, batch_size=16, num_recon=4, tune_from=None, variation_anchor=0.0))
+    assert res.config.precision == ("bfloat16" if native else "float32")  # the result names what ran
+
+
 def test_repair_precision_is_checked() -> None:
     from soda_backdoor.cli.main import REPAIR_PRECISIONS
     from soda_backdoor.repair.repair import PRECISIONS

@@ -218,7 +218,7 @@ def test_feature_samples_flag_reaches_the_repair_config() -> None:
 def test_repair_precision_flag_reaches_the_repair_config() -> None:
     from soda_backdoor.cli.main import _repair_config, build_parser
 
-    assert _repair_config(build_parser().parse_args(["run"])).precision == "float32"
+    assert _repair_config(build_parser().parse_args(["run"])).precision == "auto"
     args = build_parser().parse_args(["run", "--repair-precision", "bfloat16"])
     assert _repair_config(args).precision == "bfloat16"
 

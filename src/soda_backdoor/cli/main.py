@@ -20,7 +20,7 @@ DEFAULT_CALIBRATION = "default"
 CALIBRATION_HELP = ("'default' (the shipped calibration: cnn and lenet on fmnist, the default detector settings), "
                     "a file from `soda zoo calibrate`, or 'none'")
 # soda_backdoor.repair.repair.PRECISIONS (the same reason)
-REPAIR_PRECISIONS = ("float32", "bfloat16")
+REPAIR_PRECISIONS = ("auto", "float32", "bfloat16")
 
 EXAMPLES = """examples:
   soda train --dataset fmnist --attack stripet --arch cnn --seed 0 --out m.safetensors
@@ -155,9 +155,10 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
                    "samples to the target at the tuning cut (feature space) and repair them with the reconstructed "
                    "ones: on the dev zoos more backdoors removed, at a larger worst-case accuracy cost (default 0: "
                    "off; docs/repair.md)")
-    g.add_argument("--repair-precision", choices=REPAIR_PRECISIONS, default="float32", help="precision of the tuning's "
+    g.add_argument("--repair-precision", choices=REPAIR_PRECISIONS, default="auto", help="precision of the tuning's "
                    "forward passes: bfloat16 is faster on CPUs with AVX512-BF16 or AMX and on recent GPUs, slower "
-                   "elsewhere; weights and measurements stay float32 (default float32; docs/repair.md)")
+                   "elsewhere; auto takes it only there; weights and measurements stay float32 (default auto; "
+                   "docs/repair.md)")
 
 
 def _train_args(p: argparse.ArgumentParser, prefixed: bool = False) -> None:

@@ -352,10 +352,11 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
             f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples"
             + (f" and {len(x_varied)} varied source samples" if len(x_varied) else "")
             + (f" and {result.num_feature} feature-space samples" if result.num_feature else "")
-            + (f", layers after {result.tuned_from} tuned" if result.tuned_from else ""))
+            + (f", layers after {result.tuned_from} tuned" if result.tuned_from else "")
+            + (f", tuned in {result.config.precision}" if result.config.precision != "float32" else ""))
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
                         source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
-                        config, n_varied=len(x_varied))
+                        result.config, n_varied=len(x_varied))
 
 
 def _before_and_after(model: LoadedModel, original: torch.nn.Module | None, before: EvaluateReport | None,
