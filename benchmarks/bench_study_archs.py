@@ -56,12 +56,12 @@ from soda_backdoor.artifacts import SampleSet
 from soda_backdoor.detection import DetectionConfig
 from soda_backdoor.detection.detector import SourceEvidence, get_source_rule, mean_logits
 from soda_backdoor.detection.stats import mad_outliers, pearson
+from soda_backdoor.errors import UserInputError
 from soda_backdoor.data import normalize
 from soda_backdoor.reconstruction import ReconstructionConfig, reconstruct_one_by_one
 from soda_backdoor.repair import RepairConfig
 from soda_backdoor.repair.repair import PRECISIONS
 from soda_backdoor.training import TrainConfig
-from soda_backdoor.errors import UserInputError
 from soda_backdoor.utils import resolve_device
 from soda_backdoor.workflow import class_inputs, load_context, open_model
 from soda_backdoor.workflow import steps
