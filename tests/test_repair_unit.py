@@ -165,6 +165,10 @@ def test_repair_with_feature_samples_runs_at_a_cut_and_without_one() -> None:
                                                variation_anchor=0.0))
         assert len(res.history) == 1 and not model.training
         assert (res.num_feature > 0) == (tune_from is not None)
+    no_source = torch.randint(1, 3, (64,))  # the defender holds no clean sample of the source
+    res = repair_model(model, LayerRef("5", "input"), torch.rand(8), x, no_source, recon, source=0, target=2,
+                       config=RepairConfig(epochs=1, batch_size=16, num_recon=4, tune_from="2", feature_samples=10))
+    assert res.num_feature == 0 and len(res.history) == 1
 
 
 def test_bfloat16_repair_tunes_in_low_precision_and_keeps_float32_weights() -> None:

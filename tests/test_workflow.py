@@ -78,6 +78,7 @@ def test_soda_run_happy_path_and_resume(first_run) -> None:
     rep = json.loads((run_dir / "repair.json").read_text())
     assert {"acc_before", "asr_before", "acc_after", "asr_after", "rasr_before", "rasr_after", "n_clean",
             "n_semantic", "n_repair_samples", "n_heldout_samples", "n_varied_samples", "n_feature_samples",
+            "feature_guard_loss", "feature_fallback",
             "n_defender", "neurons_kept", "num_neurons", "layer", "source", "target", "model", "seconds", "repair_seconds", "history", "tuned_from",
             "config"} == set(rep)
     assert 0 <= rep["n_varied_samples"] <= rep["config"]["max_variations"] and rep["config"]["variations"] == 10
@@ -152,6 +153,50 @@ def test_steps_on_in_memory_objects(tiny, tmp_path, monkeypatch) -> None:
     assert fixed.model.meta.notes and "repaired" in fixed.model.meta.notes[-1]
 
 
+def test_feature_guard_keeps_or_drops_the_feature_samples(tiny, monkeypatch) -> None:
+    """Within the guard, the repair with feature samples is kept as it is; beyond it, the
+    result is bit for bit the repair without them (the generators restart where they were)."""
+    import copy
+    from dataclasses import replace
+
+    import torch
+
+    from soda_backdoor.artifacts import SampleSet
+    from soda_backdoor.reconstruction import ReconstructionConfig
+    from soda_backdoor.repair import RepairConfig
+    from soda_backdoor.training import TrainConfig
+    from soda_backdoor.workflow import evaluate, reconstruct, repair, steps, train
+
+    folder, attack = tiny
+    ctx = load_context("fmnist", str(folder), None, str(attack))
+    model = train(ctx, TrainConfig(epochs=2, batch_size=32, milestones=(1,)), "cpu").model
+    ctx = replace(ctx, splits=replace(ctx.splits, defender=ctx.splits.clean_train))  # source samples to move
+    rec = reconstruct(model, ctx, SOURCE, TARGET, ReconstructionConfig(steps=30, num_keep=6, batch_size=8))
+    samples = SampleSet.from_reconstruction(rec.reconstruction, rec.fingerprint)
+    features = dict(epochs=1, feature_samples=10, feature_threshold=0.0, variation_anchor=0.0)
+
+    def fixed(**kw):
+        return repair(type(model)(copy.deepcopy(model.module), model.meta), ctx, SOURCE, TARGET, samples,
+                      RepairConfig(**kw))
+
+    def same(a, b) -> bool:
+        return all(torch.equal(v, b.model.module.state_dict()[k]) for k, v in a.model.module.state_dict().items())
+
+    unguarded, plain = fixed(**features, feature_guard=None), fixed(epochs=1, variation_anchor=0.0)
+    assert unguarded.result.num_feature > 0 and unguarded.feature_guard_loss is None
+    kept = fixed(**features, feature_guard=100.0)
+    assert not kept.feature_fallback and same(kept, unguarded) and kept.result.num_feature > 0
+    assert isinstance(kept.to_dict()["feature_guard_loss"], float)
+    assert kept.after == evaluate(kept.model, ctx) and kept.before == evaluate(model, ctx)  # read from one pass
+    monkeypatch.setattr(steps, "_guard_loss", lambda *a: 50.0)
+    dropped = fixed(**features, feature_guard=1.0)
+    assert dropped.feature_fallback and dropped.feature_guard_loss == 50.0 and dropped.result.num_feature == 0
+    assert same(dropped, plain) and dropped.after == plain.after
+    assert "feature-space samples dropped" in dropped.model.meta.notes[-1]
+    with pytest.raises(Exception, match="feature_guard"):
+        RepairConfig(feature_guard=-1.0)
+
+
 def test_detect_and_reconstruct_need_no_attack(tiny, tmp_path, capsys) -> None:
     """A model trained with a user's attack file: detection and reconstruction run without it."""
     folder, attack = tiny
@@ -181,6 +226,7 @@ def test_detect_and_reconstruct_need_no_attack(tiny, tmp_path, capsys) -> None:
      "--top"),
     (["run", "--recon-threshold", "-1"], "--recon-threshold"),
     (["run", "--feature-samples", "-1"], "--feature-samples"),
+    (["run", "--feature-samples", "10", "--feature-guard", "-1"], "--feature-guard"),
     (["run", "--train-batch", "1"], "--train-batch"),
 ])
 def test_bad_settings_exit_2_with_one_line(tiny, tmp_path, capsys, argv, flag) -> None:
@@ -213,6 +259,10 @@ def test_feature_samples_flag_reaches_the_repair_config() -> None:
 
     assert _repair_config(build_parser().parse_args(["run"])).feature_samples == 0
     assert _repair_config(build_parser().parse_args(["run", "--feature-samples", "100"])).feature_samples == 100
+    assert _repair_config(build_parser().parse_args(["run"])).feature_guard == 1.5
+    guarded = _repair_config(build_parser().parse_args(["run", "--feature-samples", "100", "--feature-guard", "1.5"]))
+    assert guarded.feature_guard == 1.5 and guarded.feature_samples == 100
+    assert _repair_config(build_parser().parse_args(["run", "--feature-guard", "none"])).feature_guard is None
 
 
 def test_repair_precision_flag_reaches_the_repair_config() -> None:

@@ -153,8 +153,11 @@ def _repair_args(p: argparse.ArgumentParser) -> None:
                    "reconstructed samples (default 10; 0: off; docs/repair.md)")
     g.add_argument("--feature-samples", type=int, default=0, metavar="N", help="also move up to N clean source "
                    "samples to the target at the tuning cut (feature space) and repair them with the reconstructed "
-                   "ones: on the dev zoos more backdoors removed, at a larger worst-case accuracy cost (default 0: "
-                   "off; docs/repair.md)")
+                   "ones: 100 removed 10 of 14 dev-zoo backdoors against 8, 14 of 16 on the test zoo either way, "
+                   "at about 0.1 point more accuracy lost (default 0: off; docs/repair.md)")
+    g.add_argument("--feature-guard", type=_points, default=1.5, metavar="POINTS", help="keep the repair with "
+                   "feature samples only if it costs at most POINTS of clean accuracy on half of the held-out test "
+                   "split, else repair without them (default 1.5; none: keep it whatever it costs)")
     g.add_argument("--repair-precision", choices=REPAIR_PRECISIONS, default="auto", help="precision of the tuning's "
                    "forward passes: bfloat16 is faster on CPUs with AVX512-BF16 or AMX and on recent GPUs, slower "
                    "elsewhere; auto takes it only there; weights and measurements stay float32 (default auto; "
@@ -361,14 +364,26 @@ def _recon_config(args):
                   stop_when_kept=not args.all_starts, max_tries=args.recon_max_tries)
 
 
+def _points(text: str) -> float | None:
+    """``--feature-guard``: points of accuracy, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected points of accuracy or none, got {text!r}") from None
+
+
 def _repair_config(args):
     from ..repair import RepairConfig
 
     flags = {"top": "--top", "epochs": "--repair-epochs", "lr": "--repair-lr", "reg": "--repair-reg",
-             "variations": "--variations", "feature_samples": "--feature-samples", "precision": "--repair-precision"}
+             "variations": "--variations", "feature_samples": "--feature-samples", "feature_guard": "--feature-guard",
+             "precision": "--repair-precision"}
     return build_config(RepairConfig, flags, top=args.top, epochs=args.repair_epochs, lr=args.repair_lr,
                   reg=args.repair_reg, bn_train=args.bn_train, seed=args.seed, variations=args.variations,
-                  feature_samples=args.feature_samples, precision=args.repair_precision,
+                  feature_samples=args.feature_samples, feature_guard=args.feature_guard,
+                  precision=args.repair_precision,
                   tune_from=None if args.tune_from == "all" else args.tune_from)
 
 

@@ -102,11 +102,19 @@ class RepairConfig:
             by normalised gradient steps (``feature_step`` of their norm each, at most
             ``feature_steps``) until the tail sends them to the target, and join the
             reconstructed samples: infected samples reconstructed in feature space, next to
-            the data (needs a cut; 0: none). Research; docs/repair.md.
+            the data (needs a cut; 0: none, the default). Opt-in: on the dev zoo 100 of them
+            remove 10 of 14 backdoors against 8, on the test zoo 14 of 16 either way, at
+            about 0.1 point more accuracy lost (docs/repair.md).
         feature_step: length of one feature-space step, as a share of the start's norm.
         feature_steps: most steps of a feature-space reconstruction.
         feature_threshold: softmax probability of the target at which a feature-space
-            reconstruction stops (the target must also be its top class).
+            reconstruction stops (the target must also be its top class). 0.99: 28 of 42 dev
+            repairs removed against 25 at 0.5, at a larger cost that the guard bounds.
+        feature_guard: with feature samples, the repair is kept only if it costs at most this
+            many points of clean accuracy on the guard half of the held-out test split (every
+            other clean test sample); else the repair runs again without them, exactly as
+            with ``feature_samples=0``. The report says which ran. 1.5: the middle of the
+            guards that remove the most on the dev zoo (1.25 to 2); ``None``: no guard.
         precision: ``auto`` (default), ``float32`` or ``bfloat16``: the tuning's forward passes
             run under ``torch.autocast`` at this precision; the weights, the optimiser and every
             measurement stay float32. ``bfloat16`` is faster where the hardware computes it
@@ -136,7 +144,8 @@ class RepairConfig:
     feature_samples: int = 0
     feature_step: float = 0.02
     feature_steps: int = 100
-    feature_threshold: float = 0.5
+    feature_threshold: float = 0.99
+    feature_guard: float | None = 1.5
     precision: str = "auto"
     seed: int = 0
 
@@ -160,6 +169,8 @@ class RepairConfig:
         check_finite("feature_step", self.feature_step, positive=True)
         check_at_least("feature_steps", self.feature_steps, 1)
         check_interval("feature_threshold", self.feature_threshold, 0.0, 1.0)
+        if self.feature_guard is not None:
+            check_at_least("feature_guard", self.feature_guard, 0.0)
         if self.precision not in PRECISIONS:
             raise UserInputError(f"unknown repair precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
@@ -336,6 +347,8 @@ def cut_target_links(net: nn.Module, x_infected: Tensor, x_source: Tensor, sourc
 
 def _feature_samples(tail: nn.Module, h_source: Tensor, source: int, target: int, config: RepairConfig) -> Tensor:
     """Feature-space reconstructions from the clean source samples the tail gives the source confidently."""
+    if len(h_source) == 0:  # the defender holds no clean sample of the source
+        return h_source
     with torch.no_grad():
         p = run_batched(lambda v: tail(v).float().softmax(1), h_source)
     starts = h_source[p[:, source] >= config.variation_anchor][:config.feature_samples]

@@ -176,7 +176,9 @@ def render_report(run_dir: str | Path) -> Path:
                         f"{rep['neurons_kept']} of {rep['num_neurons']} neurons (mask fraction "
                         f"{rep['config']['top']:g}), with {rep['n_repair_samples']} reconstructed samples, "
                         f"{rep.get('n_varied_samples', 0)} varied clean source samples that the model sent to "
-                        f"the target, and {rep['n_defender']} clean samples.</p>")
+                        f"the target, {rep.get('n_feature_samples', 0)} clean source samples moved to the "
+                        f"target in feature space, and {rep['n_defender']} clean samples.</p>"
+                        + _feature_guard_line(rep))
     if err:
         ev, counts = err["evidence"], err["counts"]["counts"]
         probs = (det.get("calibration") or {}).get("class_probabilities") or []
@@ -230,3 +232,15 @@ reconstruct.json, repair.json.</small></p>
     path = out / "report.html"
     write_atomic(path, lambda p: p.write_text(page))
     return path
+
+
+def _feature_guard_line(rep: dict) -> str:
+    """What the feature samples' accuracy guard decided (docs/repair.md), or nothing."""
+    loss, guard = rep.get("feature_guard_loss"), (rep.get("config") or {}).get("feature_guard")
+    if loss is None or guard is None:
+        return ""
+    if rep.get("feature_fallback"):
+        return (f"<p>The repair with the feature-space samples cost {loss:.2f} points of accuracy on the guard half "
+                f"of the test split, more than the guard's {guard:g}: this is the repair without them.</p>")
+    return (f"<p>The feature-space samples cost {loss:.2f} points of accuracy on the guard half of the test "
+            f"split, within the guard's {guard:g}: kept.</p>")

@@ -154,6 +154,8 @@ class RepairReport:
     config: RepairConfig = field(default_factory=RepairConfig)
     model_path: str = ""
     n_varied: int = 0
+    feature_guard_loss: float | None = None
+    feature_fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"acc_before": self.before.acc, "asr_before": self.before.asr, "acc_after": self.after.acc,
@@ -161,6 +163,7 @@ class RepairReport:
                 "n_clean": self.after.n_clean, "n_semantic": self.after.n_semantic,
                 "n_repair_samples": self.n_repair_samples, "n_heldout_samples": self.n_heldout_samples,
                 "n_varied_samples": self.n_varied, "n_feature_samples": self.result.num_feature,
+                "feature_guard_loss": self.feature_guard_loss, "feature_fallback": self.feature_fallback,
                 "n_defender": self.n_defender, "neurons_kept": self.result.num_kept,
                 "num_neurons": self.result.num_neurons, "layer": self.layer, "source": self.source,
                 "target": self.target, "model": self.model_path, "seconds": self.seconds,

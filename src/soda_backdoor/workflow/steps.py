@@ -32,7 +32,8 @@ from ..errors import UserInputError
 from ..models import LoadedModel, ModelMeta, create_model, get_model_spec
 from ..reconstruction import ReconstructionConfig, reconstruct_inputs
 from ..repair import BaselineRepairConfig, RepairConfig, mine_variations, repair_model, repair_with
-from ..training import TrainConfig, evaluate_attack, evaluate_attack_shared, train_model
+from ..training import EvalResult, TrainConfig, evaluate_attack, evaluate_attack_shared, train_model
+from ..training.train import predict, predict_shared
 from ..utils import recalibrated_batchnorm, seed_everything
 from .context import DataContext, class_inputs
 from .reports import (BaselineRepairReport, DetectReport, EvaluateReport, ReconstructReport, RepairReport,
@@ -344,19 +345,88 @@ def repair(model: LoadedModel, ctx: DataContext, source: int, target: int, sampl
                                lambda x: normalize(x, meta.mean, meta.std), torch.Generator().manual_seed(config.seed),
                                config.variation_confidence, source, config.variation_anchor,
                                config.variation_generations)
-    result = repair_model(module, ref, attribution, x_clean, y_clean, torch.cat([x_fix, x_varied]), source, target,
-                          config, progress)
-    before, after = _before_and_after(model, original, before, result.tuned_from, ctx, device)
+    x_infected = torch.cat([x_fix, x_varied])
+    guarded = config.feature_guard is not None and config.feature_samples > 0
+    rng = _rng_state(device) if guarded else None
+    if guarded and original is None:
+        original = copy.deepcopy(module)
+    result = repair_model(module, ref, attribution, x_clean, y_clean, x_infected, source, target, config, progress)
+    guard_loss, fell_back = None, False
+    if guarded and result.num_feature:  # the guard reads the evaluation pass, so it costs no pass of its own
+        ev_before, ev_after, guard_loss = _guarded_before_and_after(model, original, result.tuned_from, ctx, device)
+        if guard_loss <= config.feature_guard:
+            before, after = before or ev_before, ev_after
+        else:  # too costly on held-out data: the same repair without the feature samples
+            module.load_state_dict(original.state_dict())
+            _set_rng_state(rng, device)
+            result = repair_model(module, ref, attribution, x_clean, y_clean, x_infected, source, target,
+                                  replace(config, feature_samples=0), progress)
+            fell_back = True
+            before, after = _before_and_after(model, original, None, result.tuned_from, ctx, device)
+    else:
+        before, after = _before_and_after(model, original, before, result.tuned_from, ctx, device)
     rasr_after = rasr(module, x_hold, target)
     note = (f"repaired: source {source} -> target {target}, top {config.top}, epochs {config.epochs}, "
             f"lr {config.lr}, reg {config.reg}, {len(x_fix)} reconstructed samples"
             + (f" and {len(x_varied)} varied source samples" if len(x_varied) else "")
             + (f" and {result.num_feature} feature-space samples" if result.num_feature else "")
+            + (f" (feature-space samples dropped: they cost {guard_loss:.2f} points of held-out accuracy, "
+               f"more than the guard's {config.feature_guard})" if fell_back else "")
             + (f", layers after {result.tuned_from} tuned" if result.tuned_from else "")
             + (f", tuned in {result.config.precision}" if result.config.precision != "float32" else ""))
     return RepairReport(before, after, rasr_before, rasr_after, len(x_fix), len(x_hold), len(dfd), str(ref),
                         source, target, time.perf_counter() - t0, result, LoadedModel(module, meta.with_note(note)),
-                        result.config, n_varied=len(x_varied))
+                        result.config, n_varied=len(x_varied), feature_guard_loss=guard_loss,
+                        feature_fallback=fell_back)
+
+
+def _rng_state(device: torch.device | str) -> tuple:
+    """The global generators' state, so a second attempt starts where the first one did."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(torch.device(device)) if cuda else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device | str) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], torch.device(device))
+
+
+def _labels_before_after(model: LoadedModel, original: torch.nn.Module, tuned_from: str | None, x: torch.Tensor,
+                         device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels of ``original`` (the model before) and ``model`` (after) on images
+    ``x``; the frozen part runs once when the repair left it as it was (:func:`_before_and_after`)."""
+    meta = model.meta
+    if tuned_from is not None:
+        new, old = split_after(model.module, tuned_from), split_after(original, tuned_from)
+        kept = old.prefix.state_dict()
+        if all(torch.equal(v, kept[k]) for k, v in new.prefix.state_dict().items()):
+            b, a = predict_shared(new.prefix, [old.tail, new.tail], x, meta.mean, meta.std, device=device)
+            return b, a
+    return predict(original, x, meta.mean, meta.std, device=device), predict(model.module, x, meta.mean, meta.std,
+                                                                            device=device)
+
+
+def _guard_loss(before: torch.Tensor, after: torch.Tensor, y: torch.Tensor) -> float:
+    """Points of accuracy lost from ``before`` to ``after`` labels on the guard half: every
+    other clean test sample (``RepairConfig.feature_guard``, docs/repair.md)."""
+    before, after, y = before[::2], after[::2], y[::2]
+    return 100.0 * ((before == y).float().mean() - (after == y).float().mean()).item() if len(y) else 0.0
+
+
+def _guarded_before_and_after(model: LoadedModel, original: torch.nn.Module, tuned_from: str | None,
+                              ctx: DataContext, device: torch.device | str
+                              ) -> tuple[EvaluateReport, EvaluateReport, float]:
+    """:func:`_before_and_after` with the labels kept, and the guard's loss read from them."""
+    xc, yc = ctx.data.x_test[ctx.splits.clean_test], ctx.data.y_test[ctx.splits.clean_test]
+    xs = ctx.data.x_test[ctx.splits.semantic_test] if ctx.attack is not None else ctx.data.x_test[:0]
+    clean = _labels_before_after(model, original, tuned_from, xc, device)
+    semantic = _labels_before_after(model, original, tuned_from, xs, device)
+    evs = [EvalResult(acc=(c == yc).float().mean().item() if len(yc) else 0.0,
+                      asr=(s_ == ctx.attack.target).float().mean().item() if len(xs) else 0.0,
+                      n_clean=len(yc), n_semantic=len(xs)) for c, s_ in zip(clean, semantic)]
+    ev_before, ev_after = (EvaluateReport.from_eval(ev, ctx.attack_name) for ev in evs)
+    return ev_before, ev_after, _guard_loss(*clean, yc)
 
 
 def _before_and_after(model: LoadedModel, original: torch.nn.Module | None, before: EvaluateReport | None,
