@@ -207,6 +207,15 @@ def test_repair_cli_baseline_method(tmp_path: Path, capsys) -> None:
     assert "--method soda needs --source, --target, --samples" in capsys.readouterr().err
 
 
+def test_report_says_what_the_feature_guard_decided() -> None:
+    from soda_backdoor.reporting.report import _feature_guard_line
+
+    assert _feature_guard_line({"feature_guard_loss": None, "config": {"feature_guard": 1.5}}) == ""
+    kept = _feature_guard_line({"feature_guard_loss": 0.4, "feature_fallback": False, "config": {"feature_guard": 1.5}})
+    dropped = _feature_guard_line({"feature_guard_loss": 2.7, "feature_fallback": True, "config": {"feature_guard": 1.5}})
+    assert "0.40" in kept and "kept" in kept and "2.70" in dropped and "without them" in dropped
+
+
 def test_repair_verdict_says_when_the_repair_is_partial() -> None:
     from soda_backdoor.reporting.report import repair_verdict
 
