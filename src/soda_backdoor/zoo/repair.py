@@ -67,7 +67,8 @@ def _repair_soda(task: dict[str, Any]) -> dict[str, Any]:
     save_model(Path(task["work"]) / f"{task['key']}{task['tag']}.safetensors", rep.model.module, rep.model.meta)
     return {"detected": [source, target], "acc_before": rep.before.acc, "asr_before": rep.before.asr,
             "acc_after": rep.after.acc, "asr_after": rep.after.asr, "rasr_before": rep.rasr_before,
-            "rasr_after": rep.rasr_after, "repaired": True}
+            "rasr_after": rep.rasr_after, "repaired": True, "n_feature_samples": rep.result.num_feature,
+            "feature_fallback": rep.feature_fallback}
 
 
 def _repair_baseline(task: dict[str, Any]) -> dict[str, Any]:
