@@ -392,17 +392,26 @@ def _set_rng_state(state: tuple, device: torch.device | str) -> None:
         torch.cuda.set_rng_state(state[1], torch.device(device))
 
 
+def _shared_split(module: torch.nn.Module, original: torch.nn.Module, tuned_from: str | None):
+    """``(after, before)`` split at ``tuned_from`` when the repair left every weight and buffer
+    before the cut as it was (the frozen part can then run once for both), else ``None``."""
+    if tuned_from is None:
+        return None
+    new, old = split_after(module, tuned_from), split_after(original, tuned_from)
+    kept = old.prefix.state_dict()
+    return (new, old) if all(torch.equal(v, kept[k]) for k, v in new.prefix.state_dict().items()) else None
+
+
 def _labels_before_after(model: LoadedModel, original: torch.nn.Module, tuned_from: str | None, x: torch.Tensor,
                          device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels of ``original`` (the model before) and ``model`` (after) on images
     ``x``; the frozen part runs once when the repair left it as it was (:func:`_before_and_after`)."""
     meta = model.meta
-    if tuned_from is not None:
-        new, old = split_after(model.module, tuned_from), split_after(original, tuned_from)
-        kept = old.prefix.state_dict()
-        if all(torch.equal(v, kept[k]) for k, v in new.prefix.state_dict().items()):
-            b, a = predict_shared(new.prefix, [old.tail, new.tail], x, meta.mean, meta.std, device=device)
-            return b, a
+    shared = _shared_split(model.module, original, tuned_from)
+    if shared is not None:
+        new, old = shared
+        b, a = predict_shared(new.prefix, [old.tail, new.tail], x, meta.mean, meta.std, device=device)
+        return b, a
     return predict(original, x, meta.mean, meta.std, device=device), predict(model.module, x, meta.mean, meta.std,
                                                                             device=device)
 
@@ -443,14 +452,13 @@ def _before_and_after(model: LoadedModel, original: torch.nn.Module | None, befo
     if before is not None:
         return before, evaluate(model, ctx, device)
     assert original is not None
-    if tuned_from is not None:
-        new, old = split_after(model.module, tuned_from), split_after(original, tuned_from)
-        kept = old.prefix.state_dict()
-        if all(torch.equal(v, kept[k]) for k, v in new.prefix.state_dict().items()):
-            evs = evaluate_attack_shared(new.prefix, [old.tail, new.tail], ctx.data, ctx.splits, ctx.attack,
-                                         model.meta.mean, model.meta.std, device)
-            ev_before, ev_after = (EvaluateReport.from_eval(ev, ctx.attack_name) for ev in evs)
-            return ev_before, ev_after
+    shared = _shared_split(model.module, original, tuned_from)
+    if shared is not None:
+        new, old = shared
+        evs = evaluate_attack_shared(new.prefix, [old.tail, new.tail], ctx.data, ctx.splits, ctx.attack,
+                                     model.meta.mean, model.meta.std, device)
+        ev_before, ev_after = (EvaluateReport.from_eval(ev, ctx.attack_name) for ev in evs)
+        return ev_before, ev_after
     return evaluate(LoadedModel(original, model.meta), ctx, device), evaluate(model, ctx, device)
 
 
