@@ -274,6 +274,11 @@ def test_detect_with_a_calibration(tmp_path: Path, capsys) -> None:
     assert res["probability"] is None and res["class_probabilities"] == []
     assert "shipped calibration covers the default detector settings only" in res["message"]
     assert "errors.variation_tau 0.5 (fitted: 0.23)" in res["message"] and res["message"] in capsys.readouterr().out
+    assert main([*argv, "--min-errors", "1"]) == 0  # the option reaches the detection and is recorded
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["errors"]["config"]["min_errors"] == 1 and res["calibration"]["probability"] is None
+    assert "errors.min_errors 1 (fitted: 3)" in res["calibration"]["message"]
+    capsys.readouterr()
     # a calibration fitted on confident-error scores of other settings or another reference
     # still applies, with a warning; one of these settings and reference, without
     from dataclasses import asdict

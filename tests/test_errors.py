@@ -354,3 +354,24 @@ def test_the_report_names_a_pair_under_the_threshold_where_low_rate_backdoors_sc
     ev[1][3] = 2.5
     assert near_miss({**err, "pairs": [{"source": 1, "target": 3}]}, names) == ""
     assert near_miss({**err, "config": {"tau": SENSITIVE_TAU}}, names) == ""
+
+
+def test_a_pair_needs_min_errors_to_be_flagged() -> None:
+    """Two errors on a pair the references never make reach tau by chance; from three they flag.
+    Below the minimum the evidence is capped at tau (it still ranks the model) and the report says why."""
+    from soda_backdoor.reporting.text import near_miss
+
+    ref = _reference([_counts({(1, 2): 10 + i % 5}) for i in range(20)]).entry("cnn")
+    two, three = _counts({(0, 3): 2}), _counts({(0, 3): 3})
+    loose = ErrorConfig(variation_tau=0.0, min_errors=1, exposure=None)
+    assert error_evidence(two, ref, prior=0.5, null="nbpair")[0, 3] > loose.tau  # the chance event the minimum is for
+    assert detect_errors(two, ref, loose).pairs == ((0, 3),)
+    det = detect_errors(two, ref, ErrorConfig(variation_tau=0.0, exposure=None))
+    assert ErrorConfig().min_errors == 3
+    assert det.pairs == () and not det.backdoor
+    assert det.evidence[0][3] == pytest.approx(loose.tau) and det.score == pytest.approx(loose.tau)
+    assert detect_errors(three, ref, ErrorConfig(variation_tau=0.0, exposure=None)).pairs == ((0, 3),)
+    line = near_miss(det.to_dict(), [f"c{k}" for k in range(K)])
+    assert "on 2 confident errors only; a pair needs 3" in line and "--min-errors 1" in line
+    with pytest.raises(UserInputError, match="min_errors"):
+        ErrorConfig(min_errors=0)

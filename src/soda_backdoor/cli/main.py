@@ -113,6 +113,10 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
                    help="also flag a target that natural variations of another class reach this much more often "
                         "than in any clean reference model (default 0.23, chosen on the dev zoo; 0: off, the "
                         "confident errors alone); docs/detection.md")
+    g.add_argument("--min-errors", type=int, default=None,
+                   help="confident errors a pair needs to be flagged (default 3: two can be chance on a pair "
+                        "the reference almost never confuses; below it the evidence is capped at the threshold; "
+                        "1: no minimum); docs/detection.md")
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="count the confident errors with the model's batch-norm statistics re-estimated on the "
                         "defender's clean data (default: yes; no effect without batch norm); docs/detection.md")
@@ -330,13 +334,15 @@ def _detection_config(args):
     attribution = build_config(AttributionConfig, {"num_samples": "--num-samples", "chunk_size": "--chunk-size"},
                          num_samples=args.num_samples, chunk_size=args.chunk_size)
     errors = build_config(ErrorConfig, {"tau": "--tau-errors", "null": "--errors-null",
-                                        "variation_tau": "--variation-tau"},
+                                        "variation_tau": "--variation-tau", "min_errors": "--min-errors"},
                           tau=base.errors.tau if args.tau_errors is None else args.tau_errors,
                           null=args.errors_null or base.errors.null,
                           variation_tau=(base.errors.variation_tau if getattr(args, "variation_tau", None) is None
                                          else args.variation_tau),
                           recalibrate_bn=(base.errors.recalibrate_bn if getattr(args, "recalibrate_bn", None) is None
-                                          else args.recalibrate_bn))
+                                          else args.recalibrate_bn),
+                          min_errors=(base.errors.min_errors if getattr(args, "min_errors", None) is None
+                                      else args.min_errors))
     return build_config(DetectionConfig, {"tau_target": "--tau-target", "tau_source": "--tau-source",
                                     "source_rule": "--source-rule", "evidence": "--evidence"},
                   tau_target=base.tau_target if args.tau_target is None else args.tau_target,

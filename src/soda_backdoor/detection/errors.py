@@ -28,6 +28,11 @@ confuse far more than others (T-shirt -> shirt, coat -> pullover) needs far more
 count as evidence, and a pair no recipe confuses keeps a tight null. ``null="poisson"``:
 ``phi = 0``.
 
+A pair needs at least ``min_errors`` confident errors (default 3) to be flagged; below it its
+evidence is capped at ``tau``: two errors on a pair the references almost never confuse make
+``E`` reach ``tau``, and among 90 pairs that happens to clean models by chance
+(docs/detection.md).
+
 The pair with the largest evidence is the candidate (source, target); the model is flagged
 when it exceeds ``tau``. The data must be natural held-out data of the dataset, attack or no
 attack (the test split): a subgroup absent from the defender's data leaves no evidence.
@@ -98,6 +103,11 @@ class ErrorConfig:
         recalibrate_bn: count the confident errors with the model's batch-norm statistics
             re-estimated on the defender's clean data (:func:`soda_backdoor.utils.recalibrated_batchnorm`;
             no effect on a model without batch norm). Chosen on dev (docs/detection.md).
+        min_errors: confident errors a pair needs to be flagged: below it, the pair's evidence
+            is capped at ``tau`` (it still ranks the model, it never flags it). Two errors on a
+            pair the reference almost never confuses reach ``tau``, and among 90 pairs that
+            happens to clean models by chance; every backdoor the errors flag on any of our
+            zoos has at least 3 (dev: at least 6; docs/detection.md). 1: no minimum.
     """
 
     prior: float = 0.5
@@ -109,6 +119,7 @@ class ErrorConfig:
     variation_copies: int = 10
     variation_anchor: float = 0.95
     recalibrate_bn: bool = True
+    min_errors: int = 3
 
     def __post_init__(self) -> None:
         check_finite("prior", self.prior, positive=True)
@@ -131,6 +142,8 @@ class ErrorConfig:
             raise UserInputError(f"variation_copies must be >= 1, got {self.variation_copies}")
         if not 0 <= self.variation_anchor <= 1:
             raise UserInputError(f"variation_anchor must be in [0, 1], got {self.variation_anchor}")
+        if self.min_errors < 1:
+            raise UserInputError(f"min_errors must be >= 1 (1: no minimum), got {self.min_errors}")
 
 
 def check_threshold(threshold: float) -> None:
@@ -487,6 +500,8 @@ def detect_errors(counts: ErrorCounts, reference: ReferenceEntry, config: ErrorC
     """
     config = config or ErrorConfig()
     e = error_evidence(counts, reference, config.prior, config.exposure, config.null, config.shrink)
+    few = torch.tensor(counts.counts) < config.min_errors  # capped at tau: ranks the model, never flags it
+    e = torch.where(few, e.clamp(max=config.tau), e)
     if config.null == "nbpair" and not reference.per_model:
         note = "; ".join(x for x in (note, "the reference keeps no per-model counts (an older file): Poisson "
                                      "null; rebuild it with `soda zoo reference` for the per-pair spread") if x)

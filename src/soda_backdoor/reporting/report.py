@@ -91,7 +91,7 @@ def render_report(run_dir: str | Path) -> Path:
             how += f" (reference {err['reference']})"
         else:
             max_e = max(max(row) for row in err["evidence"])
-            how = (f"the largest confident-error evidence of any class pair is {max_e:.2f}, below the "
+            how = (f"the largest confident-error evidence of any class pair is {max_e:.2f}, not above the "
                    f"threshold {err['config']['tau']:g} (reference {err['reference']})")
             if vx:
                 max_v = max(v for a, row in enumerate(vx) for b, v in enumerate(row) if a != b)

@@ -84,10 +84,21 @@ def near_miss(err: dict[str, Any], names: Sequence[str]) -> str:
     e, s, t = max(cells)
     if not SENSITIVE_TAU <= e <= tau:
         return ""
+    n, m = (err.get("counts") or {}).get("counts", [[None] * len(ev)] * len(ev))[s][t], err["config"].get("min_errors", 1)
+    if n is not None and n < m:
+        return (f"{class_label(names, s)} -> {class_label(names, t)} reaches evidence {e:.2f} on {n} confident "
+                f"error{'s' if n != 1 else ''} only; a pair needs {m} to be flagged (so few on a pair the reference "
+                "almost never confuses happen to clean models by chance; `--min-errors 1` flags it)")
     return (f"{class_label(names, s)} -> {class_label(names, t)} has evidence {e:.2f}: under the threshold "
             f"{tau:g}, over {SENSITIVE_TAU:g}, where backdoors poisoned at a low rate score; `--tau-errors "
             f"{SENSITIVE_TAU:g}` flags it, at more false alarms (4 of 40 clean reference models, against 1 of 40 "
             "at 2.99; docs/detection.md, \"Realistic poisoning on dev\")")
+
+
+def _min_errors(err: dict[str, Any]) -> str:
+    """``"; a pair needs 3 errors to be flagged"`` when the detection had a minimum count."""
+    m = err["config"].get("min_errors", 1)
+    return f"; a pair needs {m} errors to be flagged" if m > 1 else ""
 
 
 def null_name(err: dict[str, Any]) -> str:
@@ -105,11 +116,11 @@ def format_errors(err: dict[str, Any], names: Sequence[str], probs: Sequence[flo
              if err["config"].get("recalibrate_bn") else "")
     lines = [f"confident errors (softmax >= {c['threshold']:g}) on {sum(c['totals'])} test samples{recal}, against "
              f"the reference {err['reference']}, {null_name(err)} null; the verdict rests on them "
-             f"(threshold {err['config']['tau']:g}):",
+             f"(threshold {err['config']['tau']:g}{_min_errors(err)}):",
              f"{'target':<18}{'from source':<18}{'errors':>7}{'evidence':>10}" + (f"{'P(target)':>11}" if probs else "")]
     ev = err["evidence"]
     for t in range(len(ev)):
-        s = max((k for k in range(len(ev)) if k != t), key=lambda k: ev[k][t])
+        s = max((k for k in range(len(ev)) if k != t), key=lambda k: (ev[k][t], c["counts"][k][t]))
         p = f"{probs[t]:>11.3f}" if probs else ""
         mark = ("" if t not in flagged else "  <- flagged" if ev[s][t] > err["config"]["tau"]
                 else "  <- flagged by the variation evidence")

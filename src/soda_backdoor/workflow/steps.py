@@ -212,9 +212,10 @@ def defender_variation_rates(model: LoadedModel, ctx: DataContext, copies: int, 
 
 
 # The settings of a calibration file written before they existed: the variation evidence was
-# off, and the errors were counted with the batch-norm statistics as trained.
+# off, the errors were counted with the batch-norm statistics as trained, and every pair's
+# evidence counted from its first error.
 UNRECORDED_SETTINGS = {"variation_tau": 0.0, "variation_copies": 10, "variation_anchor": 0.95,
-                       "recalibrate_bn": False}
+                       "recalibrate_bn": False, "min_errors": 1}
 
 
 def _check_calibration(calibration: Calibration, config: DetectionConfig, layer: str | None,
