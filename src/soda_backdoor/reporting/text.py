@@ -84,8 +84,9 @@ def near_miss(err: dict[str, Any], names: Sequence[str]) -> str:
     e, s, t = max(cells)
     if not SENSITIVE_TAU <= e <= tau:
         return ""
-    n, m = (err.get("counts") or {}).get("counts", [[None] * len(ev)] * len(ev))[s][t], err["config"].get("min_errors", 1)
-    if n is not None and n < m:
+    counts, m = err.get("counts"), err["config"].get("min_errors", 1)
+    n = counts["counts"][s][t] if counts else m
+    if n < m:
         return (f"{class_label(names, s)} -> {class_label(names, t)} reaches evidence {e:.2f} on {n} confident "
                 f"error{'s' if n != 1 else ''} only; a pair needs {m} to be flagged (so few on a pair the reference "
                 "almost never confuses happen to clean models by chance; `--min-errors 1` flags it)")
